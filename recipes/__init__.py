@@ -1,0 +1,1 @@
+"""Shipped recipes (installed as the package data `wsseg.recipes`)."""

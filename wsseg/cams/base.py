@@ -1,0 +1,57 @@
+"""The map-method contract: a batch of normalised images and target classes in, maps in [0, 1] out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+class MapMethod(ABC):
+    """One way of producing activation maps. Subclasses supply `compute`; `close` releases hooks.
+
+    Use as a context manager so hooks are always removed.
+    """
+
+    #: Built from the image-level classifier (Grad-CAM family) or from a model of its own (CCAM).
+    requires_classifier = True
+
+    @abstractmethod
+    def compute(self, images: torch.Tensor, targets: Sequence[int]) -> np.ndarray:
+        """Return float32 maps of shape (B, H, W) with values in [0, 1], H and W those of `images`."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def find_last_feature_layer(model: torch.nn.Module, image_size: int = 64) -> str:
+    """Name of the outermost module that outputs the final feature map (e.g. `layer4`, `bn2`).
+
+    Found by tracing one forward pass, so it works for any timm CNN without a per-architecture table.
+    """
+    finished = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=name: finished.append((n, out)))
+             for name, m in model.named_modules() if name]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            features = model.forward_features(torch.zeros(1, 3, image_size, image_size,
+                                                          device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    for name, out in reversed(finished):
+        if torch.is_tensor(out) and out.shape == features.shape and out.ndim == 4:
+            return name
+    raise ValueError("could not find a 4-D feature layer; set maps.target_layer to a module name")

@@ -1,0 +1,45 @@
+"""Grad-CAM and its relatives from the `grad-cam` package, computed on whole batches."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pytorch_grad_cam as pgc
+import torch
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from wsseg.cams.base import MapMethod, find_last_feature_layer
+
+GRADCAM_CLASSES = {
+    "gradcam": pgc.GradCAM,
+    "hirescam": pgc.HiResCAM,
+    "fullgrad": pgc.FullGrad,
+    "gradcam++": pgc.GradCAMPlusPlus,
+    "xgradcam": pgc.XGradCAM,
+    "layercam": pgc.LayerCAM,
+    "eigencam": pgc.EigenCAM,
+}
+
+
+class GradCamFamily(MapMethod):
+    """Wraps one `pytorch_grad_cam` class around the classifier's last feature layer."""
+
+    def __init__(self, method: str, model: torch.nn.Module, target_layer: str = "auto"):
+        self.method = method
+        layer_name = find_last_feature_layer(model) if target_layer == "auto" else target_layer
+        names = dict(model.named_modules())
+        if layer_name not in names:
+            top = [n for n in names if n and "." not in n]
+            raise ValueError(f"maps.target_layer: model has no module '{layer_name}' (top-level modules: {', '.join(top)})")
+        self.layer_name = layer_name
+        # FullGrad uses every bias layer and warns when handed a target layer.
+        layers = [] if method == "fullgrad" else [names[layer_name]]
+        self.cam = GRADCAM_CLASSES[method](model=model, target_layers=layers)
+
+    def compute(self, images: torch.Tensor, targets: Sequence[int]) -> np.ndarray:
+        maps = self.cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+        return np.nan_to_num(np.asarray(maps, dtype=np.float32).clip(0, 1))
+
+    def close(self) -> None:
+        self.cam.activations_and_grads.release()

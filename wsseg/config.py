@@ -1,0 +1,211 @@
+"""Load recipes from YAML into dataclasses, apply `key.path=value` overrides, report every problem."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import yaml
+
+from wsseg.config_schema import RecipeConfig
+from wsseg.errors import ConfigError, UnknownNameError
+
+_MISSING = object()
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str, errors: List[str]) -> Any:
+    """Check `value` against type `tp`, building nested dataclasses; append problems to `errors`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], path, errors)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+            return None
+        return _build(tp, value, path, errors)
+    if origin in (list, List):
+        if not isinstance(value, list):
+            errors.append(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+            return None
+        return [_convert(v, args[0], f"{path}.{i}", errors) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+            return None
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return None
+    return value
+
+
+def _build(cls: type, data: Dict[str, Any], path: str, errors: List[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{path}." if path else ""
+    for key in data:
+        if key not in fields:
+            errors.append(f"{prefix}{key}: unknown key (valid keys: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}", errors)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            errors.append(f"{prefix}{name}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return None
+
+
+def parse_recipe(data: Dict[str, Any], source: Optional[str] = None) -> RecipeConfig:
+    """Validate a raw mapping into a `RecipeConfig`; raise `ConfigError` listing all problems."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"top level: expected a mapping, got {type(data).__name__}", source)
+    errors: List[str] = []
+    config = _build(RecipeConfig, data, "", errors)
+    errors.extend(_semantic_problems(config) if not errors else [])
+    if errors:
+        raise ConfigError(errors, source)
+    return config
+
+
+def _semantic_problems(config: RecipeConfig) -> List[str]:
+    """Names that must exist in a registry, checked up front so a run fails in seconds, not hours."""
+    from wsseg.cams import list_map_methods
+    from wsseg.data import list_datasets
+    from wsseg.stages.references import list_reference_producers
+
+    problems = []
+    datasets = [("maps.dataset", config.maps.dataset)]
+    if config.classifier is not None:
+        datasets += [(f"classifier.train.{i}", d) for i, d in enumerate(config.classifier.train)]
+        if config.classifier.val is not None:
+            datasets.append(("classifier.val", config.classifier.val))
+    for path, d in datasets:
+        if d.name not in list_datasets():
+            problems.append(f"{path}.name: unknown dataset '{d.name}' (valid: {', '.join(list_datasets())})")
+    for i, m in enumerate(config.maps.methods):
+        if m not in list_map_methods():
+            problems.append(f"maps.methods.{i}: unknown map method '{m}' (valid: {', '.join(list_map_methods())})")
+    for i, r in enumerate(config.evaluate.references):
+        if r not in list_reference_producers():
+            problems.append(
+                f"evaluate.references.{i}: unknown producer '{r}' (valid: {', '.join(list_reference_producers())})"
+            )
+    if config.maps.target not in ("positive", "label", "predicted"):
+        problems.append(f"maps.target: must be positive, label or predicted, got '{config.maps.target}'")
+    if not 0.0 <= config.pseudo_masks.threshold <= 1.0:
+        problems.append(f"pseudo_masks.threshold: must lie in [0, 1], got {config.pseudo_masks.threshold}")
+    return problems
+
+
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key.path=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override '{text}': empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Return a copy of `data` with each `key.path=value` set; list items are addressed by index."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node: Any = data
+        for depth, key in enumerate(keys[:-1]):
+            where = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                node = _list_item(node, key, where)
+                continue
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override '{text}': {where} is a value, not a section")
+        last = keys[-1]
+        if isinstance(node, list):
+            index = _list_index(node, last, text, append=True)
+            if index == len(node):
+                node.append(value)
+            else:
+                node[index] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _list_index(node: list, key: str, where: str, append: bool = False) -> int:
+    if not key.isdigit() or int(key) > len(node) - (0 if append else 1):
+        raise ConfigError(f"override at '{where}': '{key}' is not a valid index into a list of {len(node)}")
+    return int(key)
+
+
+def _list_item(node: list, key: str, where: str) -> Any:
+    return node[_list_index(node, key, where)]
+
+
+# ---------------------------------------------------------------- recipe files
+
+
+def _recipe_dir():
+    return resources.files("wsseg.recipes")
+
+
+def list_recipes() -> List[str]:
+    """Names of the recipes shipped inside the package."""
+    return sorted(p.name[: -len(".yaml")] for p in _recipe_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_text(name_or_path: str) -> Tuple[str, str]:
+    """Return (source description, YAML text) for a shipped recipe name or a file path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {path} does not exist")
+        return str(path), path.read_text()
+    names = list_recipes()
+    if name_or_path not in names:
+        raise UnknownNameError(f"unknown recipe '{name_or_path}'; valid names: {', '.join(names)} (or a .yaml path)")
+    return f"recipe '{name_or_path}'", (_recipe_dir() / f"{name_or_path}.yaml").read_text()
+
+
+def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> RecipeConfig:
+    """Load a shipped recipe or YAML file, apply overrides and validate."""
+    source, text = recipe_text(name_or_path)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"YAML syntax error: {exc}", source) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"top level: expected a mapping, got {type(data).__name__}", source)
+    data = apply_overrides(data, overrides)
+    return parse_recipe(data, source)
+
+
+def to_dict(config: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,119 @@
+"""The dataset contract every registered dataset follows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from wsseg.data.io import image_size, read_binary_mask, read_image
+from wsseg.errors import DataError
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image: its unique stem (used for output file names), files and image-level label."""
+
+    stem: str
+    image_path: Optional[Path]
+    label: int
+    mask_path: Optional[Path] = None
+
+
+class SegmentationDataset:
+    """A list of records with an image-level label each and, where the dataset has them, masks.
+
+    Subclasses fill `records` and `classes`; datasets without files (synthetic) override
+    `load_image` and `load_mask`.
+    """
+
+    name = "base"
+
+    def __init__(self, records: List[Record], classes: List[str], positive_index: int = 1):
+        if not records:
+            raise DataError(f"{self.name}: no images found ({self.describe()})")
+        self.records = records
+        self.classes = classes
+        self.positive_index = positive_index
+        stems = [r.stem for r in records]
+        if len(set(stems)) != len(stems):
+            dup = sorted({s for s in stems if stems.count(s) > 1})[:5]
+            raise DataError(f"{self.name}: image stems are not unique, e.g. {dup}")
+
+    def describe(self) -> str:
+        return self.name
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def has_masks(self) -> bool:
+        return all(r.mask_path is not None for r in self.records)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r.label for r in self.records], dtype=np.int64)
+
+    def load_image(self, index: int) -> np.ndarray:
+        return read_image(self.records[index].image_path)
+
+    def image_size(self, index: int) -> tuple:
+        return image_size(self.records[index].image_path)
+
+    def load_mask(self, index: int) -> Optional[np.ndarray]:
+        """Boolean HxW mask of the same size as the image, or None when the dataset has none."""
+        record = self.records[index]
+        if record.mask_path is None:
+            return None
+        mask = self.read_mask_file(record.mask_path)
+        expected = self.image_size(index)
+        if mask.shape != tuple(expected):
+            raise DataError(
+                f"{record.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+                f"{record.image_path} is {expected[1]}x{expected[0]}"
+            )
+        return mask
+
+    def read_mask_file(self, path: Path) -> np.ndarray:
+        return read_binary_mask(path)
+
+    def subset(self, limit: Optional[int]) -> "SegmentationDataset":
+        """Keep the first `limit` records, spread over the classes (for quick runs)."""
+        if limit is None or limit >= len(self.records):
+            return self
+        by_class = {}
+        for r in self.records:
+            by_class.setdefault(r.label, []).append(r)
+        picked, i = [], 0
+        while len(picked) < limit:
+            for rs in by_class.values():
+                if i < len(rs) and len(picked) < limit:
+                    picked.append(rs[i])
+            i += 1
+        order = {r.stem: k for k, r in enumerate(self.records)}
+        self.records = sorted(picked, key=lambda r: order[r.stem])
+        return self
+
+
+def require_dir(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{what}: folder {path} does not exist (set --data-root or WSSEG_DATA, or fix the recipe's root)")
+    return path
+
+
+def list_images(folder: Path) -> List[Path]:
+    from wsseg.data.io import IMAGE_EXTENSIONS
+
+    return sorted(
+        (p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+        key=lambda p: _natural_key(p.name),
+    )
+
+
+def _natural_key(name: str):
+    import re
+
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]

@@ -1,0 +1,88 @@
+"""Image and mask reading that turns every odd format into RGB uint8, and every failure into a DataError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from wsseg.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _open(path: Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes)")
+    try:
+        image = Image.open(path)
+        image.load()  # decode now, so a truncated file fails here and names itself
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot decode image ({exc})") from None
+    return image
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    array = array.astype(np.float64)
+    top = 65535.0 if array.max(initial=0) > 255 else 255.0
+    return np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image as HxWx3 uint8 RGB: grayscale, RGBA, palette and 16-bit inputs are converted."""
+    image = _open(path)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = _to_uint8(np.asarray(image))
+        return np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array[..., :3]
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+
+
+def read_gray(path: Path) -> np.ndarray:
+    """Read a single-channel uint8 array (masks, trimaps); colour masks are reduced to their max channel."""
+    image = _open(path)
+    if image.mode == "P":
+        return np.asarray(image).astype(np.uint8)  # palette indices are the labels
+    array = np.asarray(image)
+    if array.ndim == 3:
+        array = array[..., :3].max(axis=2)
+    return _to_uint8(array)
+
+
+def read_binary_mask(path: Path, threshold: int = 127) -> np.ndarray:
+    """Binary mask from a (possibly JPEG-compressed) mask image: pixel > threshold is foreground."""
+    return read_gray(path) > threshold
+
+
+def image_size(path: Path) -> tuple:
+    """(height, width) without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc})") from None
+    return height, width
+
+
+def write_mask_png(path: Path, mask: np.ndarray) -> None:
+    """Write a binary mask as a 0/255 PNG, atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray((mask > 0).astype(np.uint8) * 255).save(tmp, format="PNG")
+    tmp.replace(path)

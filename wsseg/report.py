@@ -1,0 +1,62 @@
+"""Run reports as files: Markdown table and bar chart. Terminal rendering lives in the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+from wsseg.metrics import METRIC_NAMES
+
+TABLE_COLUMNS = ("dice", "iou", "precision", "recall", "accuracy", "pooled_dice", "n_images")
+
+
+def producer_rows(metrics: Dict[str, Dict]) -> List[tuple]:
+    """(name, summary) for every mask producer in a metrics.json mapping, best Dice first."""
+    rows = [(k, v) for k, v in metrics.items() if isinstance(v, dict) and "dice" in v]
+    return sorted(rows, key=lambda kv: -kv[1]["dice"])
+
+
+def markdown_report(name: str, metrics: Dict[str, Dict], timings: Dict[str, float]) -> str:
+    lines = [f"# {name}", "", "| producer | " + " | ".join(TABLE_COLUMNS) + " |",
+             "|---|" + "---:|" * len(TABLE_COLUMNS)]
+    for producer, summary in producer_rows(metrics):
+        cells = [f"{summary[c]:.4f}" if isinstance(summary.get(c), float) else str(summary.get(c, ""))
+                 for c in TABLE_COLUMNS]
+        lines.append(f"| {producer} | " + " | ".join(cells) + " |")
+    if "classifier" in metrics:
+        lines += ["", "Classifier: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in metrics["classifier"].items())]
+    lines += ["", "| stage | wall time (s) |", "|---|---:|"]
+    lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in timings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(path: Path, metrics: Dict[str, Dict], title: str, columns=("dice", "iou", "precision", "recall")) -> Path:
+    """Grouped bars, one group per producer: the picture of the methods table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = producer_rows(metrics)
+    x = np.arange(len(rows))
+    width = 0.8 / len(columns)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) + 2), 4))
+    for k, column in enumerate(columns):
+        ax.bar(x + k * width - 0.4 + width / 2, [r[1][column] for r in rows], width, label=column)
+    ax.set_xticks(x, [r[0] for r in rows], rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean per image")
+    ax.set_title(title)
+    ax.legend(ncol=len(columns), fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+assert set(METRIC_NAMES) <= set(TABLE_COLUMNS)

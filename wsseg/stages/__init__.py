@@ -1,0 +1,1 @@
+"""Pipeline stages: plain functions, paths and configs in, paths and metrics out."""

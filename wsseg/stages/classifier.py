@@ -1,0 +1,122 @@
+"""Stage 1: train an image-level classifier (any timm model) and measure it on a held-out split."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsseg.config_schema import BackboneConfig, ClassifierConfig
+from wsseg.data import create_dataset
+from wsseg.data.base import SegmentationDataset
+from wsseg.data.transforms import TorchDataset, eval_transform, train_transform
+from wsseg.device import autocast, batch_to, seed_everything
+from wsseg.errors import DataError
+from wsseg.metrics import roc_auc
+from wsseg.models.classifier import ClassifierMeta, build_classifier, load_classifier, normalisation, save_classifier
+from wsseg.progress import ProgressFn, no_progress
+from wsseg.stages.common import cosine_lambda, make_loader, param_groups, write_json
+
+log = logging.getLogger("wsseg")
+
+
+@dataclass
+class ClassifierResult:
+    checkpoint: Path
+    metrics: Dict[str, float]
+
+
+def _class_weights(datasets: List[SegmentationDataset], num_classes: int) -> torch.Tensor:
+    counts = np.bincount(np.concatenate([d.labels for d in datasets]), minlength=num_classes).astype(np.float64)
+    weights = counts.sum() / np.maximum(counts, 1) / num_classes
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+@torch.no_grad()
+def predict_probabilities(model, dataset: SegmentationDataset, meta: ClassifierMeta, device, batch_size: int = 32,
+                          progress: ProgressFn = no_progress, num_workers: int = 0) -> np.ndarray:
+    """Softmax probabilities (N x classes) for every image of `dataset`."""
+    loader = make_loader(TorchDataset(dataset, eval_transform(meta.image_size, meta.mean, meta.std)),
+                         batch_size, shuffle=False, num_workers=num_workers)
+    model.eval()
+    out = []
+    for batch in progress(loader, total=len(loader), description="classify"):
+        with autocast(device):
+            logits = model(batch["image"].to(device))
+        out.append(logits.float().softmax(1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def evaluate_classifier(probs: np.ndarray, labels: np.ndarray, positive_index: int) -> Dict[str, float]:
+    metrics = {"accuracy": float((probs.argmax(1) == labels).mean()), "n_images": int(len(labels))}
+    if probs.shape[1] == 2:
+        metrics["roc_auc"] = roc_auc(labels == positive_index, probs[:, positive_index])
+    return metrics
+
+
+def train_classifier(config: ClassifierConfig, backbone: BackboneConfig, out_dir: Path, device: torch.device,
+                     data_root: Optional[Path] = None, seed: int = 0,
+                     progress: ProgressFn = no_progress) -> ClassifierResult:
+    """Train on `config.train` (several datasets alternate epoch by epoch), keep the last checkpoint.
+
+    Returns the checkpoint path and held-out metrics (accuracy, ROC AUC) when `config.val` is set.
+    """
+    seed_everything(seed)
+    backbone = config.backbone or backbone
+    out_dir = Path(out_dir)
+    train_sets = [create_dataset(d, data_root, key=f"classifier.train.{i}") for i, d in enumerate(config.train)]
+    if not train_sets:
+        raise DataError("classifier.train: no training dataset given")
+    classes = train_sets[0].classes
+    for d in train_sets[1:]:
+        if len(d.classes) != len(classes):
+            raise DataError(f"classifier.train: datasets disagree on the classes ({classes} vs {d.classes})")
+    model = build_classifier(backbone.name, backbone.weights, len(classes)).to(device)
+    mean, std = normalisation(model)
+    meta = ClassifierMeta(backbone.name, list(classes), train_sets[0].positive_index, config.image_size, mean, std)
+    transform = train_transform(config.image_size, mean, std, config.vertical_flip)
+    loaders = [make_loader(TorchDataset(d, transform), config.batch_size, True, config.num_workers, seed + i, True)
+               for i, d in enumerate(train_sets)]
+    steps = sum(len(loaders[e % len(loaders)]) for e in range(config.epochs))
+    optimizer = torch.optim.AdamW(param_groups([(model, config.lr)], config.weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(steps, warmup=min(50, steps // 10)))
+    class_weights = _class_weights(train_sets, len(classes)).to(device)
+    history = []
+    for epoch in range(config.epochs):
+        model.train()
+        loader = loaders[epoch % len(loaders)]
+        total, seen = 0.0, 0
+        for batch in progress(loader, total=len(loader), description=f"classifier epoch {epoch + 1}/{config.epochs}"):
+            batch = batch_to(batch, device)
+            with autocast(device, config.amp):
+                logits = model(batch["image"])
+            loss = F.cross_entropy(logits.float(), batch["label"], weight=class_weights)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"classifier: loss became {loss.item()} at epoch {epoch + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(batch["label"])
+            seen += len(batch["label"])
+        history.append(total / max(1, seen))
+        log.info("classifier epoch %d/%d: loss %.4f", epoch + 1, config.epochs, history[-1])
+    checkpoint = out_dir / "classifier.pth"
+    save_classifier(checkpoint, model, meta, {"loss_history": history})
+    metrics: Dict[str, float] = {"final_loss": history[-1] if history else float("nan")}
+    if config.val is not None:
+        val = create_dataset(config.val, data_root, key="classifier.val")
+        probs = predict_probabilities(model, val, meta, device, config.batch_size, progress, config.num_workers)
+        metrics.update(evaluate_classifier(probs, val.labels, meta.positive_index))
+        log.info("classifier on %s: accuracy %.4f, ROC AUC %.4f", val.describe(), metrics["accuracy"],
+                 metrics.get("roc_auc", float("nan")))
+    write_json(out_dir / "classifier_metrics.json", metrics)
+    return ClassifierResult(checkpoint, metrics)
+
+
+__all__ = ["ClassifierResult", "evaluate_classifier", "load_classifier", "predict_probabilities", "train_classifier"]

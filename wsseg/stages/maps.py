@@ -1,0 +1,75 @@
+"""Stage 2: activation maps for every image of a dataset, in batches, saved per method."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from wsseg.cams import MapMethod, create_map_method
+from wsseg.data.base import SegmentationDataset
+from wsseg.data.transforms import TorchDataset, eval_transform
+from wsseg.progress import ProgressFn, no_progress
+from wsseg.stages.common import make_loader
+
+log = logging.getLogger("wsseg")
+
+
+def save_map(path: Path, activation: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npy")
+    np.save(tmp, activation.astype(np.float16))
+    tmp.replace(path)
+
+
+def load_map(path: Path) -> np.ndarray:
+    return np.load(path).astype(np.float32)
+
+
+def choose_targets(mode: str, dataset: SegmentationDataset, positive_index: int,
+                   predicted: np.ndarray = None) -> np.ndarray:
+    """Class each map explains: the positive class, each image's own label, or the predicted class."""
+    if mode == "positive":
+        return np.full(len(dataset), positive_index, dtype=np.int64)
+    if mode == "label":
+        return dataset.labels
+    if mode == "predicted":
+        if predicted is None:
+            raise ValueError("maps.target=predicted needs the classifier's predictions")
+        return np.asarray(predicted, dtype=np.int64)
+    raise ValueError(f"maps.target: unknown mode '{mode}' (valid: positive, label, predicted)")
+
+
+def write_maps(method: MapMethod, dataset: SegmentationDataset, out_dir: Path, image_size: int,
+               mean: Sequence[float], std: Sequence[float], targets: np.ndarray, device: torch.device,
+               batch_size: int = 16, num_workers: int = 0, progress: ProgressFn = no_progress,
+               description: str = "maps") -> Path:
+    """Run `method` over `dataset` in batches and save `out_dir/<stem>.npy` (float16, image_size^2)."""
+    out_dir = Path(out_dir)
+    loader = make_loader(TorchDataset(dataset, eval_transform(image_size, mean, std)), batch_size, False,
+                         num_workers)
+    for batch in progress(loader, total=len(loader), description=description):
+        indices = batch["index"].tolist()
+        maps = method.compute(batch["image"].to(device), [int(targets[i]) for i in indices])
+        for i, activation in zip(indices, maps):
+            save_map(out_dir / f"{dataset.records[i].stem}.npy", activation)
+    return out_dir
+
+
+def generate_maps(methods: List[str], model: torch.nn.Module, dataset: SegmentationDataset, out_root: Path,
+                  image_size: int, mean, std, targets: np.ndarray, device: torch.device, batch_size: int = 16,
+                  target_layer: str = "auto", num_workers: int = 0,
+                  progress: ProgressFn = no_progress,
+                  timer: Callable = None) -> Dict[str, Path]:
+    """Maps of each classifier-based method in `methods`: returns {method: folder of .npy maps}."""
+    model = model.to(device).eval()
+    out: Dict[str, Path] = {}
+    for name in methods:
+        with create_map_method(name, model=model, target_layer=target_layer) as method:
+            log.info("maps: %s on %d images", name, len(dataset))
+            out[name] = write_maps(method, dataset, Path(out_root) / name, image_size, mean, std, targets, device,
+                                   batch_size, num_workers, progress, description=f"maps {name}")
+    return out
