@@ -74,8 +74,12 @@ def pets_root(tmp_path) -> Path:
     return root
 
 
-def tiny_demo_overrides(out_methods=("gradcam", "hirescam", "fullgrad")):
-    return [
+def tiny_demo_overrides(out_methods=("ccam", "ccam_cls", "gradcam", "hirescam", "fullgrad")):
+    ccam = []
+    for i in range(2):
+        ccam += [f"ccam.{i}.train.0.options.n=16", f"ccam.{i}.train.0.options.size=64", f"ccam.{i}.image_size=64",
+                 f"ccam.{i}.epochs=1", f"ccam.{i}.batch_size=8"]
+    return ccam + [
         f"backbone.name={TINY_MODEL}",
         "classifier.train.0.options.n=24", "classifier.train.0.options.size=64",
         "classifier.val.options.n=8", "classifier.val.options.size=64",

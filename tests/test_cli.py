@@ -50,12 +50,14 @@ def test_demo_end_to_end_through_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "demo: masks vs ground truth" in printed and "gradcam" in printed
     metrics = json.loads((out / "metrics.json").read_text())
-    for producer in ("gradcam", "hirescam", "fullgrad", "all_foreground", "center_ellipse"):
+    for producer in ("ccam", "ccam_cls", "gradcam", "hirescam", "fullgrad", "all_foreground", "center_ellipse"):
         entry = metrics[producer]
         assert {"dice", "iou", "precision", "recall", "accuracy", "n_images"} <= set(entry)
         assert entry["n_images"] == 6
     assert (out / "config.yaml").is_file() and (out / "run.log").stat().st_size > 0
     assert (out / "checkpoints" / "classifier.pth").is_file()
+    assert (out / "checkpoints" / "ccam.pth").is_file() and (out / "checkpoints" / "ccam_cls.pth").is_file()
+    assert metrics["ccam_training"]["flip"] in (0.0, 1.0) and "classifier_correlation" in metrics["ccam_training"]
     assert (out / "report.md").read_text().count("|") > 20
     assert (out / "plots" / "methods.png").stat().st_size > 1000
     # The Dice in metrics.json is the Dice of the PNG files on disk.

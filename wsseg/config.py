@@ -97,12 +97,29 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
         datasets += [(f"classifier.train.{i}", d) for i, d in enumerate(config.classifier.train)]
         if config.classifier.val is not None:
             datasets.append(("classifier.val", config.classifier.val))
+    ccam_names = [c.name for c in config.ccam]
+    for i, c in enumerate(config.ccam):
+        datasets += [(f"ccam.{i}.train.{j}", d) for j, d in enumerate(c.train)]
+        if c.init not in ("imagenet", "classifier"):
+            problems.append(f"ccam.{i}.init: must be imagenet or classifier, got '{c.init}'")
+        if c.init == "classifier" and config.classifier is None:
+            problems.append(f"ccam.{i}.init: 'classifier' needs a classifier section")
+        if c.polarity not in ("auto", "border", "classifier", "none", "inverted"):
+            problems.append(f"ccam.{i}.polarity: must be auto, border, classifier, none or inverted, got '{c.polarity}'")
+        if c.name in list_map_methods():
+            problems.append(f"ccam.{i}.name: '{c.name}' is a classifier map method; pick another name")
+        if not c.train:
+            problems.append(f"ccam.{i}.train: at least one dataset is needed")
+    if len(set(ccam_names)) != len(ccam_names):
+        problems.append(f"ccam: names must be unique, got {ccam_names}")
     for path, d in datasets:
         if d.name not in list_datasets():
             problems.append(f"{path}.name: unknown dataset '{d.name}' (valid: {', '.join(list_datasets())})")
+    valid_methods = list_map_methods() + ccam_names
     for i, m in enumerate(config.maps.methods):
-        if m not in list_map_methods():
-            problems.append(f"maps.methods.{i}: unknown map method '{m}' (valid: {', '.join(list_map_methods())})")
+        if m not in valid_methods:
+            problems.append(f"maps.methods.{i}: unknown map method '{m}' (valid: {', '.join(valid_methods)}; "
+                            "CCAM variants are named by the ccam section)")
     for i, r in enumerate(config.evaluate.references):
         if r not in list_reference_producers():
             problems.append(
@@ -169,7 +186,14 @@ def _list_item(node: list, key: str, where: str) -> Any:
 
 
 def _recipe_dir():
-    return resources.files("wsseg.recipes")
+    """Installed: the package data `wsseg.recipes`. Source checkout on sys.path: the top-level recipes/."""
+    try:
+        return resources.files("wsseg.recipes")
+    except ModuleNotFoundError:
+        source = Path(__file__).resolve().parents[1] / "recipes"
+        if source.is_dir():
+            return source
+        raise
 
 
 def list_recipes() -> List[str]:

@@ -56,6 +56,40 @@ class MapsConfig:
 
 
 @dataclass
+class TTAConfig:
+    """Test-time augmentation: maps averaged over flips and scales."""
+
+    hflip: bool = False
+    scales: List[float] = field(default_factory=lambda: [1.0])
+
+
+@dataclass
+class CCAMConfig:
+    """One CCAM variant. `init: imagenet` is the original method; `init: classifier` takes the backbone
+    from the classifier stage (the paper's change). `name` is the map method name it reports under."""
+
+    name: str = "ccam"
+    init: str = "imagenet"
+    train: List[DatasetConfig] = field(default_factory=list)
+    backbone: Optional[BackboneConfig] = None
+    stages: List[int] = field(default_factory=lambda: [-2, -1])
+    output_stride: int = 16
+    image_size: int = 224
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-4
+    head_lr_scale: float = 10.0
+    weight_decay: float = 1e-4
+    alpha: float = 0.25
+    freeze_backbone_epochs: int = 0
+    polarity: str = "auto"
+    vertical_flip: bool = True
+    num_workers: int = 0
+    amp: bool = True
+    tta: TTAConfig = field(default_factory=TTAConfig)
+
+
+@dataclass
 class PseudoMaskConfig:
     """How maps become binary masks."""
 
@@ -79,6 +113,7 @@ class RecipeConfig:
     device: str = "auto"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     classifier: Optional[ClassifierConfig] = None
+    ccam: List[CCAMConfig] = field(default_factory=list)
     maps: MapsConfig = field(default_factory=MapsConfig)
     pseudo_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

@@ -21,7 +21,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def autocast(device: torch.device, enabled: bool = True):
     """bf16/fp16 autocast on CUDA; a no-op on CPU, where it rarely speeds up convolutions."""
-    if enabled and device.type == "cuda":
+    if enabled and torch.device(device).type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()

@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
+import numpy as np
+
 from wsseg.cams import requires_classifier
+from wsseg.cams.ccam import CCAMMaps
+from wsseg.cams.gradcam_family import GradCamFamily
 from wsseg.config import to_yaml
 from wsseg.config_schema import RecipeConfig
 from wsseg.data import create_dataset
@@ -22,7 +26,8 @@ from wsseg.report import bar_chart, markdown_report
 from wsseg.stages.classifier import predict_probabilities, train_classifier
 from wsseg.stages.common import write_json
 from wsseg.stages.evaluate import evaluate_mask_dir, write_per_image_csv
-from wsseg.stages.maps import choose_targets, generate_maps
+from wsseg.stages.ccam import load_ccam, train_ccam
+from wsseg.stages.maps import choose_targets, generate_maps, write_maps
 from wsseg.stages.pseudo_masks import make_pseudo_masks, make_reference_masks
 
 log = logging.getLogger("wsseg")
@@ -95,12 +100,14 @@ def _run(config: RecipeConfig, out_dir: Path, data_root, progress: ProgressFn) -
     timer = StageTimer()
     metrics: Dict[str, Dict] = {}
     eval_set = create_dataset(config.maps.dataset, data_root, key="maps.dataset")
-    cam_methods = [m for m in config.maps.methods if requires_classifier(m)]
+    ccam_configs = [c for c in config.ccam if c.name in config.maps.methods]
+    cam_methods = [m for m in config.maps.methods if m not in {c.name for c in config.ccam} and requires_classifier(m)]
+    needs_classifier = bool(cam_methods) or any(c.init == "classifier" for c in ccam_configs)
 
     classifier_ckpt = None
-    if cam_methods:
+    if needs_classifier:
         if config.classifier is None:
-            raise ConfigError(f"maps.methods {cam_methods} need a classifier section")
+            raise ConfigError(f"maps.methods {config.maps.methods} need a classifier section")
         with timer("classifier"):
             result = train_classifier(config.classifier, config.backbone, out_dir / "checkpoints", device,
                                       data_root, config.seed, progress)
@@ -120,6 +127,11 @@ def _run(config: RecipeConfig, out_dir: Path, data_root, progress: ProgressFn) -
             map_dirs.update(generate_maps(cam_methods, model, eval_set, out_dir / "maps", config.maps.image_size,
                                           meta.mean, meta.std, targets, device, config.maps.batch_size,
                                           config.maps.target_layer, config.maps.num_workers, progress))
+
+    for ccam_config in ccam_configs:
+        with timer(ccam_config.name):
+            map_dirs[ccam_config.name], metrics[f"{ccam_config.name}_training"] = _run_ccam(
+                ccam_config, config, classifier_ckpt, eval_set, out_dir, device, data_root, progress)
 
     mask_dirs: Dict[str, Path] = {}
     with timer("pseudo_masks"):
@@ -142,6 +154,28 @@ def _run(config: RecipeConfig, out_dir: Path, data_root, progress: ProgressFn) -
         log.warning("maps.dataset %s has no masks: pseudo-masks written, nothing to evaluate", eval_set.describe())
 
     return finish_run(config.name, out_dir, metrics, timer.timings)
+
+
+def _run_ccam(ccam_config, config: RecipeConfig, classifier_ckpt, eval_set, out_dir: Path, device, data_root,
+              progress: ProgressFn):
+    """Train one CCAM variant (polarity checked against the classifier's Grad-CAM when there is one)."""
+    reference = None
+    if classifier_ckpt is not None and ccam_config.polarity in ("auto", "classifier"):
+        classifier, meta = load_classifier(classifier_ckpt)
+        gradcam = GradCamFamily("gradcam", classifier.to(device).eval())
+
+        def reference(images):
+            return gradcam.compute(images, [meta.positive_index] * len(images))
+
+    result = train_ccam(ccam_config, config.backbone, out_dir / "checkpoints", device, data_root, config.seed,
+                        classifier_ckpt, reference, progress)
+    model, meta = load_ccam(result.checkpoint)
+    targets = np.zeros(len(eval_set), dtype=np.int64)  # class-agnostic
+    with CCAMMaps(model.to(device), ccam_config.tta.hflip, ccam_config.tta.scales) as method:
+        map_dir = write_maps(method, eval_set, out_dir / "maps" / ccam_config.name, config.maps.image_size,
+                             meta["mean"], meta["std"], targets, device, config.maps.batch_size,
+                             config.maps.num_workers, progress, description=f"maps {ccam_config.name}")
+    return map_dir, result.metrics
 
 
 def finish_run(name: str, out_dir: Path, metrics: Dict[str, Dict], timings: Dict[str, float]) -> RunResult:

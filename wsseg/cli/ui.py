@@ -14,6 +14,8 @@ from rich.table import Table
 from wsseg.report import TABLE_COLUMNS, producer_rows
 
 console = Console(stderr=False)
+if not console.is_terminal:  # logs and CI: wide enough that the table never truncates
+    console.width = max(console.width, 132)
 COLUMN_LABELS = {"precision": "prec", "accuracy": "acc", "pooled_dice": "pooled dice", "n_images": "n"}
 
 

@@ -1,0 +1,130 @@
+"""CCAM: head, losses, polarity, variants, test-time augmentation."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_MODEL
+from wsseg.cams.ccam import CCAMMaps
+from wsseg.config_schema import BackboneConfig, CCAMConfig, DatasetConfig
+from wsseg.data import create_dataset
+from wsseg.errors import ConfigError
+from wsseg.models.ccam import CCAM, CCAMLoss, SimMaxLoss, SimMinLoss
+from wsseg.stages.ccam import border_score, build_ccam, decide_polarity, load_ccam, train_ccam
+
+
+def test_two_stages_fused_at_output_stride_16():
+    model = CCAM(TINY_MODEL, "none", (-2, -1), output_stride=16)
+    features = model.features(torch.randn(2, 3, 64, 64))
+    assert features.shape[1] == sum(model.backbone.feature_info.channels())
+    assert features.shape[-2:] == (4, 4)  # 64 / 16
+    last_stage = CCAM(TINY_MODEL, "none", (-1,), output_stride=32).features(torch.randn(1, 3, 64, 64))
+    assert last_stage.shape[-1] == 2  # without the dilation the last stage is 64 / 32
+
+
+def test_forward_shapes_and_flip_buffer():
+    model = CCAM(TINY_MODEL).eval()
+    images = torch.randn(2, 3, 64, 64)
+    fg, bg, activation = model.forward_train(images)
+    assert fg.shape == bg.shape == (2, model.head.conv.in_channels)
+    out = model(images)
+    assert out.shape == (2, 1, 64, 64) and 0 <= out.min() and out.max() <= 1
+    model.flip.fill_(1.0)
+    assert torch.allclose(model(images), 1 - out, atol=1e-6)
+    assert "flip" in model.state_dict()  # travels into checkpoints
+
+
+def test_losses_reward_the_right_geometry():
+    same = torch.ones(4, 8)
+    assert SimMaxLoss()(same) < 0.01  # identical features: nothing to pull together
+    fg = torch.eye(8)[:4]
+    bg = torch.eye(8)[4:]
+    assert SimMinLoss()(fg, bg) < 0.01  # orthogonal fg and bg: nothing to push apart
+    assert SimMinLoss()(fg, fg) > 1.0
+    total, terms = CCAMLoss()(fg, bg)
+    assert set(terms) == {"bg_max", "min", "fg_max"} and torch.isclose(total, sum(terms.values()))
+
+
+def test_border_score():
+    activation = torch.zeros(1, 1, 8, 8)
+    assert border_score(activation) == 0.0
+    assert border_score(1 - activation) == 1.0
+
+
+def test_decide_polarity_flips_a_background_map():
+    """A map that is high everywhere except the centre (the object) gets flipped, by either cue."""
+    dataset = create_dataset(DatasetConfig("synthetic", None, "val", options={"n": 8, "size": 64}))
+    model = CCAM(TINY_MODEL).eval()
+    with torch.no_grad():  # make the head output +big on the border, -big in the centre
+        model.head.conv.weight.zero_()
+        model.head.bn.weight.zero_()
+        model.head.bn.bias.fill_(5.0)
+    info = decide_polarity(model, dataset, "border", "cpu", 64, (0.5,) * 3, (0.5,) * 3)
+    assert info["flip"] == 1.0 and model.flip.item() == 1.0
+
+    def centre_blob(images):
+        maps = np.zeros((len(images), 64, 64), np.float32)
+        maps[:, 16:48, 16:48] = 1
+        return maps
+
+    with torch.no_grad():
+        model.head.bn.bias.fill_(0.0)
+        model.head.bn.weight.fill_(1.0)
+        model.head.conv.weight.normal_()
+    info = decide_polarity(model, dataset, "classifier", "cpu", 64, (0.5,) * 3, (0.5,) * 3, centre_blob)
+    corrected = model(torch.randn(2, 3, 64, 64))[:, 0]
+    assert "classifier_correlation" in info and info["flip"] in (0.0, 1.0)
+    assert decide_polarity(model, dataset, "inverted", "cpu", 64, (0.5,) * 3, (0.5,) * 3)["flip"] == 1.0
+    assert corrected.shape == (2, 64, 64)
+
+
+def test_trained_ccam_covers_the_objects_not_the_background(tmp_path):
+    """Train on synthetic scenes whose masks are known; after the polarity check the map is higher
+    inside the objects than outside them."""
+    train = DatasetConfig("synthetic", None, "train", options={"n": 96, "size": 64, "negative_fraction": 0.0})
+    config = CCAMConfig(name="ccam", train=[train], image_size=64, epochs=4, batch_size=16, lr=0.01,
+                        output_stride=16, polarity="border", amp=False)
+    torch.manual_seed(0)
+    result = train_ccam(config, BackboneConfig(TINY_MODEL, "none"), tmp_path, "cpu")
+    model, meta = load_ccam(result.checkpoint)
+    evalset = create_dataset(DatasetConfig("synthetic", None, "test", options={"n": 24, "size": 64,
+                                                                               "negative_fraction": 0.0}))
+    images = torch.stack([torch.from_numpy((evalset.load_image(i) / 255.0 - 0.5) / 0.5).permute(2, 0, 1).float()
+                          for i in range(len(evalset))])
+    maps = CCAMMaps(model).compute(images)
+    inside = np.mean([maps[i][evalset.load_mask(i)].mean() for i in range(len(evalset))])
+    outside = np.mean([maps[i][~evalset.load_mask(i)].mean() for i in range(len(evalset))])
+    assert inside > outside, (inside, outside, result.metrics)
+
+
+def test_tta_averages_flips_and_scales():
+    model = CCAM(TINY_MODEL).eval()
+    images = torch.randn(2, 3, 64, 64)
+    plain = CCAMMaps(model).compute(images)
+    tta = CCAMMaps(model, hflip=True, scales=[0.75, 1.0]).compute(images)
+    assert plain.shape == tta.shape == (2, 64, 64)
+    assert not np.allclose(plain, tta)
+    symmetric = CCAMMaps(model, hflip=True).compute(torch.cat([images, images.flip(-1)]))
+    assert np.allclose(symmetric[0], symmetric[2][:, ::-1], atol=1e-5)  # flip-averaged maps are flip-equivariant
+
+
+def test_classifier_init_loads_classifier_backbone(tmp_path):
+    from wsseg.models.classifier import ClassifierMeta, build_classifier, save_classifier
+
+    classifier = build_classifier(TINY_MODEL, "none", 2)
+    path = tmp_path / "classifier.pth"
+    save_classifier(path, classifier, ClassifierMeta(TINY_MODEL, ["a", "b"], 1, 64))
+    model = build_ccam(CCAMConfig(init="classifier"), BackboneConfig(TINY_MODEL, "none"), path)
+    assert torch.equal(model.backbone.state_dict()["conv1.0.weight"], classifier.state_dict()["conv1.0.weight"])
+    with pytest.raises(ConfigError, match="needs the classifier stage"):
+        build_ccam(CCAMConfig(init="classifier"), BackboneConfig(TINY_MODEL, "none"), None)
+    with pytest.raises(ConfigError, match="must match"):
+        build_ccam(CCAMConfig(init="classifier"), BackboneConfig("test_efficientnet", "none"), path)
+
+
+def test_small_batch_warns(tmp_path, caplog):
+    train = DatasetConfig("synthetic", None, "train", options={"n": 8, "size": 32})
+    config = CCAMConfig(train=[train], image_size=32, epochs=1, batch_size=4, polarity="none")
+    with caplog.at_level("WARNING", logger="wsseg"):
+        train_ccam(config, BackboneConfig(TINY_MODEL, "none"), tmp_path, "cpu")
+    assert "below 16" in caplog.text

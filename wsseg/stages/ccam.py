@@ -1,0 +1,176 @@
+"""Stage 2b: train CCAM (ImageNet- or classifier-initialised), decide its polarity, save it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from wsseg.config_schema import BackboneConfig, CCAMConfig
+from wsseg.data import create_dataset
+from wsseg.data.base import SegmentationDataset
+from wsseg.data.transforms import TorchDataset, eval_transform, train_transform
+from wsseg.device import autocast, batch_to, seed_everything
+from wsseg.errors import ConfigError
+from wsseg.models.ccam import CCAM, CCAMLoss
+from wsseg.models.classifier import normalisation
+from wsseg.progress import ProgressFn, no_progress
+from wsseg.stages.common import make_loader, param_groups, poly_lambda, write_json
+
+log = logging.getLogger("wsseg")
+MIN_RECOMMENDED_BATCH = 16  # the contrastive losses compare every pair in a batch
+
+
+@dataclass
+class CCAMResult:
+    checkpoint: Path
+    metrics: Dict[str, float]
+
+
+class _ConcatDataset(SegmentationDataset):
+    name = "concat"
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.index = [(p, i) for p in parts for i in range(len(p))]
+        self.records = [p.records[i] for p, i in self.index]
+        self.classes, self.positive_index = parts[0].classes, parts[0].positive_index
+
+    def load_image(self, index: int):
+        part, i = self.index[index]
+        return part.load_image(i)
+
+
+def build_ccam(config: CCAMConfig, backbone: BackboneConfig, classifier_checkpoint: Optional[Path]) -> CCAM:
+    backbone = config.backbone or backbone
+    weights = backbone.weights
+    if config.init == "classifier":
+        if classifier_checkpoint is None:
+            raise ConfigError(f"ccam '{config.name}': init=classifier needs the classifier stage's checkpoint")
+        meta = torch.load(classifier_checkpoint, map_location="cpu", weights_only=False)["meta"]
+        if meta["model_name"] != backbone.name:
+            raise ConfigError(f"ccam '{config.name}': classifier backbone is {meta['model_name']}, "
+                              f"CCAM backbone is {backbone.name}; they must match for init=classifier")
+        weights = str(classifier_checkpoint)
+    return CCAM(backbone.name, weights, config.stages, config.output_stride)
+
+
+def border_score(activation: torch.Tensor) -> float:
+    """Mean of the binarised map along the image border: high means the map marks the background."""
+    binary = (activation > 0.5).float()
+    edges = torch.cat([binary[..., 0, :], binary[..., -1, :], binary[..., :, 0], binary[..., :, -1]], dim=-1)
+    return float(edges.mean())
+
+
+@torch.no_grad()
+def decide_polarity(model: CCAM, dataset: SegmentationDataset, mode: str, device, image_size: int, mean, std,
+                    reference_maps=None, n_images: int = 64) -> Dict[str, float]:
+    """Set `model.flip` so that the map marks objects. `reference_maps(images)` (e.g. the classifier's
+    Grad-CAM) decides by correlation when given; otherwise the border cue of the original code."""
+    model.flip.zero_()
+    if mode in ("none", "inverted"):
+        model.flip.fill_(float(mode == "inverted"))
+        return {"polarity_mode": mode, "flip": float(model.flip)}
+    loader = make_loader(TorchDataset(dataset, eval_transform(image_size, mean, std)), 16, shuffle=False)
+    maps, refs, seen = [], [], 0
+    for batch in loader:
+        images = batch["image"].to(device)
+        maps.append(model(images).cpu())
+        if reference_maps is not None and mode in ("auto", "classifier"):
+            with torch.enable_grad():  # Grad-CAM needs gradients even though CCAM does not
+                refs.append(torch.as_tensor(reference_maps(images)))
+        seen += len(images)
+        if seen >= n_images:
+            break
+    maps = torch.cat(maps)
+    info = {"border_score": border_score(maps)}
+    if refs:
+        flat_maps = maps[:, 0].flatten(1)
+        flat_refs = torch.cat(refs).flatten(1).float()
+        corr = np.nanmean([np.corrcoef(a.numpy(), b.numpy())[0, 1] for a, b in zip(flat_maps, flat_refs)])
+        info["classifier_correlation"] = float(corr)
+        flip = corr < 0
+    elif mode == "classifier":
+        raise ConfigError("ccam.polarity=classifier needs a classifier stage")
+    else:
+        flip = info["border_score"] > 0.5
+    model.flip.fill_(float(flip))
+    info.update({"polarity_mode": mode, "flip": float(flip)})
+    return info
+
+
+def train_ccam(config: CCAMConfig, backbone: BackboneConfig, out_dir: Path, device: torch.device,
+               data_root: Optional[Path] = None, seed: int = 0, classifier_checkpoint: Optional[Path] = None,
+               reference_maps=None, progress: ProgressFn = no_progress) -> CCAMResult:
+    """Train one CCAM variant with the contrastive losses; returns its checkpoint and training metrics."""
+    seed_everything(seed)
+    if config.batch_size < MIN_RECOMMENDED_BATCH:
+        log.warning("ccam '%s': batch_size %d is below %d; the contrastive losses compare pairs within a batch "
+                    "and become noisy with few images", config.name, config.batch_size, MIN_RECOMMENDED_BATCH)
+    parts = [create_dataset(d, data_root, key=f"ccam.train.{i}") for i, d in enumerate(config.train)]
+    dataset = parts[0] if len(parts) == 1 else _ConcatDataset(parts)
+    model = build_ccam(config, backbone, classifier_checkpoint).to(device)
+    mean, std = normalisation(model.backbone)
+    loader = make_loader(TorchDataset(dataset, train_transform(config.image_size, mean, std, config.vertical_flip)),
+                         config.batch_size, True, config.num_workers, seed, drop_last=True)
+    optimizer = torch.optim.SGD(param_groups([(model.backbone, config.lr),
+                                              (model.head, config.lr * config.head_lr_scale)],
+                                             config.weight_decay), momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(config.epochs * len(loader)))
+    criterion = CCAMLoss(config.alpha)
+    history = []
+    for epoch in range(config.epochs):
+        frozen = epoch < config.freeze_backbone_epochs  # the paper's optional frozen-backbone phase
+        model.train()
+        model.backbone.requires_grad_(not frozen)
+        if frozen:
+            model.backbone.eval()
+        total, steps = 0.0, 0
+        for batch in progress(loader, total=len(loader), description=f"{config.name} epoch {epoch + 1}/{config.epochs}"):
+            images = batch_to(batch, device)["image"]
+            with autocast(device, config.amp):
+                fg, bg, _ = model.forward_train(images)
+            loss, terms = criterion(fg.float(), bg.float())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"ccam '{config.name}': loss became {loss.item()} at epoch {epoch + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item()
+            steps += 1
+        history.append(total / max(1, steps))
+        log.info("%s epoch %d/%d: loss %.4f%s", config.name, epoch + 1, config.epochs, history[-1],
+                 " (backbone frozen)" if frozen else "")
+    model.backbone.requires_grad_(True)
+    model.eval()
+    polarity = decide_polarity(model, dataset, config.polarity, device, config.image_size, mean, std, reference_maps)
+    log.info("%s polarity: %s", config.name, polarity)
+    checkpoint = Path(out_dir) / f"{config.name}.pth"
+    save_ccam(checkpoint, model, config, mean, std)
+    metrics = {"final_loss": history[-1] if history else float("nan"), **polarity}
+    write_json(Path(out_dir) / f"{config.name}_metrics.json", metrics)
+    return CCAMResult(checkpoint, metrics)
+
+
+def save_ccam(path: Path, model: CCAM, config: CCAMConfig, mean, std) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"meta": {"backbone": model.backbone_name, "stages": list(config.stages),
+                         "output_stride": config.output_stride, "image_size": config.image_size,
+                         "mean": list(mean), "std": list(std), "name": config.name},
+                "state_dict": model.state_dict()}, tmp)
+    tmp.replace(path)
+
+
+def load_ccam(path: Path, map_location="cpu"):
+    """Rebuild a trained CCAM (polarity included) from its checkpoint; returns (model, meta)."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    meta = checkpoint["meta"]
+    model = CCAM(meta["backbone"], "none", meta["stages"], meta["output_stride"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), meta
