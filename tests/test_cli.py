@@ -50,7 +50,8 @@ def test_demo_end_to_end_through_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "demo: masks vs ground truth" in printed and "gradcam" in printed
     metrics = json.loads((out / "metrics.json").read_text())
-    for producer in ("ccam", "ccam_cls", "gradcam", "hirescam", "fullgrad", "all_foreground", "center_ellipse"):
+    for producer in ("ccam", "ccam_cls", "gradcam", "hirescam", "fullgrad", "unet", "all_foreground",
+                     "center_ellipse"):
         entry = metrics[producer]
         assert {"dice", "iou", "precision", "recall", "accuracy", "n_images"} <= set(entry)
         assert entry["n_images"] == 6
@@ -60,6 +61,11 @@ def test_demo_end_to_end_through_cli(tmp_path, capsys):
     assert metrics["ccam_training"]["flip"] in (0.0, 1.0) and "classifier_correlation" in metrics["ccam_training"]
     assert (out / "report.md").read_text().count("|") > 20
     assert (out / "plots" / "methods.png").stat().st_size > 1000
+    # The run ends with an exported U-Net whose parity check passed, plus the CCAM map models and INT8.
+    assert (out / "model.onnx").is_file() and (out / "model.int8.onnx").is_file()
+    assert (out / "ccam.onnx").is_file() and (out / "ccam_cls.onnx").is_file()
+    assert metrics["export"]["unet"]["max_abs_diff"] < 1e-3
+    assert (out / "masks" / "unet").is_dir()
     # The Dice in metrics.json is the Dice of the PNG files on disk.
     from wsseg.config import load_recipe
     from wsseg.data import create_dataset
@@ -82,4 +88,4 @@ def test_setup_cfg_lists_every_package():
     parser.read(ROOT / "setup.cfg")
     listed = set(parser["options"]["packages"].split())
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "wsseg").rglob("__init__.py")}
-    assert found | {"wsseg.recipes"} == listed
+    assert found | {"wsseg.recipes", "wsseg_infer"} == listed

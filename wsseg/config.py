@@ -112,9 +112,21 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             problems.append(f"ccam.{i}.train: at least one dataset is needed")
     if len(set(ccam_names)) != len(ccam_names):
         problems.append(f"ccam: names must be unique, got {ccam_names}")
-    for path, d in datasets:
+    for path, d in datasets:  # after every section has added its datasets
         if d.name not in list_datasets():
             problems.append(f"{path}.name: unknown dataset '{d.name}' (valid: {', '.join(list_datasets())})")
+    if config.segment is not None:
+        datasets += [(f"segment.train.{j}", d) for j, d in enumerate(config.segment.train)]
+        if config.segment.masks != "ground_truth" and config.segment.masks not in config.maps.methods:
+            problems.append(f"segment.masks: '{config.segment.masks}' must be ground_truth or one of "
+                            f"maps.methods ({', '.join(config.maps.methods)})")
+        band = config.segment.ignore_band
+        if band is not None and not (len(band) == 2 and 0 <= band[0] <= band[1] <= 1):
+            problems.append(f"segment.ignore_band: expected [low, high] with 0 <= low <= high <= 1, got {band}")
+        if not config.segment.train:
+            problems.append("segment.train: at least one dataset is needed")
+    if config.export is not None and config.export.enabled and config.segment is None:
+        problems.append("export: needs a segment section (the model that is exported)")
     valid_methods = list_map_methods() + ccam_names
     for i, m in enumerate(config.maps.methods):
         if m not in valid_methods:

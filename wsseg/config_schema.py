@@ -90,6 +90,38 @@ class CCAMConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """U-Net trained on the pseudo-masks of one producer (`masks: <method>`) or on the real masks
+    (`masks: ground_truth`, the fully supervised upper bound). `ignore_band: [low, high]` leaves map
+    values in between out of the loss."""
+
+    masks: str = "ccam"
+    train: List[DatasetConfig] = field(default_factory=list)
+    encoder: Optional[str] = None
+    encoder_weights: Optional[str] = None
+    image_size: int = 256
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    ignore_band: Optional[List[float]] = None
+    threshold: float = 0.5
+    vertical_flip: bool = True
+    num_workers: int = 0
+    amp: bool = True
+
+
+@dataclass
+class ExportConfig:
+    """ONNX export of the segmenter (and CCAM map models) at the end of a run."""
+
+    enabled: bool = True
+    opset: int = 17
+    int8: bool = False
+    calibration_images: int = 16
+
+
+@dataclass
 class PseudoMaskConfig:
     """How maps become binary masks."""
 
@@ -115,5 +147,7 @@ class RecipeConfig:
     classifier: Optional[ClassifierConfig] = None
     ccam: List[CCAMConfig] = field(default_factory=list)
     maps: MapsConfig = field(default_factory=MapsConfig)
+    segment: Optional[SegmentConfig] = None
+    export: Optional[ExportConfig] = None
     pseudo_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

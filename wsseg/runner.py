@@ -8,26 +8,27 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from wsseg.cams import requires_classifier
+from wsseg.cams import create_map_method, requires_classifier
+from wsseg.cams.base import MapMethod
 from wsseg.cams.ccam import CCAMMaps
-from wsseg.cams.gradcam_family import GradCamFamily
 from wsseg.config import to_yaml
 from wsseg.config_schema import RecipeConfig
 from wsseg.data import create_dataset
+from wsseg.data.base import SegmentationDataset, concat_datasets
 from wsseg.device import resolve_device, seed_everything
 from wsseg.errors import ConfigError, WssegError
 from wsseg.models.classifier import load_classifier
 from wsseg.progress import ProgressFn, no_progress
 from wsseg.report import bar_chart, markdown_report
+from wsseg.stages.ccam import load_ccam, train_ccam
 from wsseg.stages.classifier import predict_probabilities, train_classifier
 from wsseg.stages.common import write_json
 from wsseg.stages.evaluate import evaluate_mask_dir, write_per_image_csv
-from wsseg.stages.ccam import load_ccam, train_ccam
-from wsseg.stages.maps import choose_targets, generate_maps, write_maps
+from wsseg.stages.maps import choose_targets, write_maps
 from wsseg.stages.pseudo_masks import make_pseudo_masks, make_reference_masks
 
 log = logging.getLogger("wsseg")
@@ -38,6 +39,17 @@ class RunResult:
     out_dir: Path
     metrics: Dict[str, Dict] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
+    artifacts: Dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class MapProducer:
+    """A trained map method ready to run on any dataset: how to build it, normalise for it, target it."""
+
+    build: Callable[[], MapMethod]
+    mean: tuple
+    std: tuple
+    targets: Callable[[SegmentationDataset], np.ndarray]
 
 
 class StageTimer:
@@ -90,97 +102,154 @@ def run_recipe(config: RecipeConfig, out_dir: Path, data_root: Optional[Path] = 
     out_dir = prepare_run_dir(out_dir, overwrite)
     (out_dir / "config.yaml").write_text(to_yaml(config))
     with run_log(out_dir / "run.log"):
-        return _run(config, out_dir, data_root, progress)
+        return RecipeRun(config, out_dir, data_root, progress).run()
 
 
-def _run(config: RecipeConfig, out_dir: Path, data_root, progress: ProgressFn) -> RunResult:
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    log.info("recipe %s on %s", config.name, device)
-    timer = StageTimer()
-    metrics: Dict[str, Dict] = {}
-    eval_set = create_dataset(config.maps.dataset, data_root, key="maps.dataset")
-    ccam_configs = [c for c in config.ccam if c.name in config.maps.methods]
-    cam_methods = [m for m in config.maps.methods if m not in {c.name for c in config.ccam} and requires_classifier(m)]
-    needs_classifier = bool(cam_methods) or any(c.init == "classifier" for c in ccam_configs)
+class RecipeRun:
+    """One run of a recipe: holds the device, timer and metrics while the stages execute in order."""
 
-    classifier_ckpt = None
-    if needs_classifier:
-        if config.classifier is None:
-            raise ConfigError(f"maps.methods {config.maps.methods} need a classifier section")
-        with timer("classifier"):
-            result = train_classifier(config.classifier, config.backbone, out_dir / "checkpoints", device,
-                                      data_root, config.seed, progress)
-        classifier_ckpt = result.checkpoint
-        metrics["classifier"] = result.metrics
+    def __init__(self, config: RecipeConfig, out_dir: Path, data_root, progress: ProgressFn):
+        self.config, self.out_dir, self.data_root, self.progress = config, out_dir, data_root, progress
+        self.device = resolve_device(config.device)
+        self.timer = StageTimer()
+        self.metrics: Dict[str, Dict] = {}
+        self.artifacts: Dict[str, Path] = {}
+        self.classifier_ckpt: Optional[Path] = None
 
-    map_dirs: Dict[str, Path] = {}
-    if cam_methods:
-        with timer("maps"):
-            model, meta = load_classifier(classifier_ckpt)
-            model = model.to(device)
-            predicted = None
-            if config.maps.target == "predicted":
-                predicted = predict_probabilities(model, eval_set, meta, device, config.maps.batch_size,
-                                                  progress).argmax(1)
-            targets = choose_targets(config.maps.target, eval_set, meta.positive_index, predicted)
-            map_dirs.update(generate_maps(cam_methods, model, eval_set, out_dir / "maps", config.maps.image_size,
-                                          meta.mean, meta.std, targets, device, config.maps.batch_size,
-                                          config.maps.target_layer, config.maps.num_workers, progress))
+    def run(self) -> RunResult:
+        config = self.config
+        seed_everything(config.seed)
+        log.info("recipe %s on %s", config.name, self.device)
+        eval_set = create_dataset(config.maps.dataset, self.data_root, key="maps.dataset")
+        producers = self.train_map_producers()
+        with self.timer("maps"):
+            map_dirs = {name: self.write_maps(name, producer, eval_set, self.out_dir / "maps" / name)
+                        for name, producer in producers.items()}
+        mask_dirs: Dict[str, Path] = {}
+        with self.timer("pseudo_masks"):
+            for name, map_dir in map_dirs.items():
+                mask_dirs[name] = make_pseudo_masks(map_dir, eval_set, self.out_dir / "masks" / name,
+                                                    config.pseudo_masks.threshold, self.progress)
+            for name in config.evaluate.references:
+                mask_dirs[name] = make_reference_masks(name, eval_set, self.out_dir / "masks" / name, self.progress)
+        if config.segment is not None:
+            mask_dirs["unet"] = self.segment(producers, eval_set)
+        self.evaluate(mask_dirs, eval_set)
+        if config.export is not None and config.export.enabled:
+            self.export(producers)
+        return finish_run(config.name, self.out_dir, self.metrics, self.timer.timings, self.artifacts)
 
-    for ccam_config in ccam_configs:
-        with timer(ccam_config.name):
-            map_dirs[ccam_config.name], metrics[f"{ccam_config.name}_training"] = _run_ccam(
-                ccam_config, config, classifier_ckpt, eval_set, out_dir, device, data_root, progress)
+    # ------------------------------------------------------------------ stages
 
-    mask_dirs: Dict[str, Path] = {}
-    with timer("pseudo_masks"):
-        for name, map_dir in map_dirs.items():
-            mask_dirs[name] = make_pseudo_masks(map_dir, eval_set, out_dir / "masks" / name,
-                                                config.pseudo_masks.threshold, progress)
-        for name in config.evaluate.references:
-            mask_dirs[name] = make_reference_masks(name, eval_set, out_dir / "masks" / name, progress)
+    def train_map_producers(self) -> Dict[str, MapProducer]:
+        config = self.config
+        ccam_configs = {c.name: c for c in config.ccam if c.name in config.maps.methods}
+        cam_methods = [m for m in config.maps.methods if m not in ccam_configs and requires_classifier(m)]
+        if cam_methods or any(c.init == "classifier" for c in ccam_configs.values()):
+            if config.classifier is None:
+                raise ConfigError(f"maps.methods {config.maps.methods} need a classifier section")
+            with self.timer("classifier"):
+                result = train_classifier(config.classifier, config.backbone, self.out_dir / "checkpoints",
+                                          self.device, self.data_root, config.seed, self.progress)
+            self.classifier_ckpt = result.checkpoint
+            self.metrics["classifier"] = result.metrics
+        producers: Dict[str, MapProducer] = {}
+        if cam_methods:
+            model, meta = load_classifier(self.classifier_ckpt)
+            model = model.to(self.device)
 
-    all_rows = []
-    if eval_set.has_masks:
-        with timer("evaluate"):
+            def targets(dataset, meta=meta, model=model):
+                predicted = None
+                if config.maps.target == "predicted":
+                    predicted = predict_probabilities(model, dataset, meta, self.device, config.maps.batch_size,
+                                                      self.progress).argmax(1)
+                return choose_targets(config.maps.target, dataset, meta.positive_index, predicted)
+
+            for name in cam_methods:
+                producers[name] = MapProducer(
+                    lambda name=name: create_map_method(name, model=model, target_layer=config.maps.target_layer),
+                    meta.mean, meta.std, targets)
+        for name, ccam_config in ccam_configs.items():
+            with self.timer(name):
+                producers[name] = self.train_ccam(ccam_config)
+        return {m: producers[m] for m in config.maps.methods}
+
+    def train_ccam(self, ccam_config) -> MapProducer:
+        """Train one CCAM variant (polarity checked against the classifier's Grad-CAM when there is one)."""
+        reference = None
+        if self.classifier_ckpt is not None and ccam_config.polarity in ("auto", "classifier"):
+            classifier, meta = load_classifier(self.classifier_ckpt)
+            gradcam = create_map_method("gradcam", model=classifier.to(self.device).eval())
+
+            def reference(images):
+                return gradcam.compute(images, [meta.positive_index] * len(images))
+
+        result = train_ccam(ccam_config, self.config.backbone, self.out_dir / "checkpoints", self.device,
+                            self.data_root, self.config.seed, self.classifier_ckpt, reference, self.progress)
+        if reference is not None:
+            gradcam.close()
+        self.metrics[f"{ccam_config.name}_training"] = result.metrics
+        self.artifacts[ccam_config.name] = result.checkpoint
+        model, meta = load_ccam(result.checkpoint)
+        model = model.to(self.device)
+        return MapProducer(lambda: CCAMMaps(model, ccam_config.tta.hflip, ccam_config.tta.scales),
+                           tuple(meta["mean"]), tuple(meta["std"]),
+                           lambda dataset: np.zeros(len(dataset), dtype=np.int64))
+
+    def write_maps(self, name: str, producer: MapProducer, dataset: SegmentationDataset, out: Path) -> Path:
+        log.info("maps: %s on %d images", name, len(dataset))
+        with producer.build() as method:
+            return write_maps(method, dataset, out, self.config.maps.image_size, producer.mean, producer.std,
+                              producer.targets(dataset), self.device, self.config.maps.batch_size,
+                              self.config.maps.num_workers, self.progress, description=f"maps {name}")
+
+    def segment(self, producers: Dict[str, MapProducer], eval_set: SegmentationDataset) -> Path:
+        from wsseg.stages.segment import load_segmenter, predict_masks, pseudo_mask_source, train_segmenter
+
+        seg = self.config.segment
+        parts = [create_dataset(d, self.data_root, key=f"segment.train.{i}") for i, d in enumerate(seg.train)]
+        train_set = concat_datasets(parts)
+        map_dir = None
+        if seg.masks != "ground_truth":
+            with self.timer("maps_train"):
+                map_dir = self.write_maps(seg.masks, producers[seg.masks], train_set,
+                                          self.out_dir / "maps_train" / seg.masks)
+        source = pseudo_mask_source(train_set, map_dir, self.config.pseudo_masks.threshold, seg.ignore_band)
+        with self.timer("unet"):
+            result = train_segmenter(seg, self.config.backbone, train_set, source, self.out_dir / "checkpoints",
+                                     self.device, self.config.seed, self.progress)
+            self.metrics["unet_training"] = result.metrics
+            self.artifacts["unet"] = result.checkpoint
+            model, meta = load_segmenter(result.checkpoint)
+            return_dir = self.out_dir / "masks" / "unet"
+            predict_masks(model, meta, eval_set, return_dir, self.device, seg.batch_size, self.progress)
+        return return_dir
+
+    def evaluate(self, mask_dirs: Dict[str, Path], eval_set: SegmentationDataset) -> None:
+        if not eval_set.has_masks:
+            log.warning("maps.dataset %s has no masks: masks written, nothing to evaluate", eval_set.describe())
+            return
+        all_rows = []
+        with self.timer("evaluate"):
             for name, mask_dir in mask_dirs.items():
-                rows, summary = evaluate_mask_dir(name, mask_dir, eval_set, progress)
+                rows, summary = evaluate_mask_dir(name, mask_dir, eval_set, self.progress)
                 all_rows.extend(rows)
-                metrics[name] = summary
+                self.metrics[name] = summary
                 log.info("%s: dice %.4f iou %.4f", name, summary["dice"], summary["iou"])
-        write_per_image_csv(out_dir / "per_image.csv", all_rows)
-    else:
-        log.warning("maps.dataset %s has no masks: pseudo-masks written, nothing to evaluate", eval_set.describe())
+        write_per_image_csv(self.out_dir / "per_image.csv", all_rows)
 
-    return finish_run(config.name, out_dir, metrics, timer.timings)
+    def export(self, producers: Dict[str, MapProducer]) -> None:
+        from wsseg.deploy.onnx_export import export_run_models
 
-
-def _run_ccam(ccam_config, config: RecipeConfig, classifier_ckpt, eval_set, out_dir: Path, device, data_root,
-              progress: ProgressFn):
-    """Train one CCAM variant (polarity checked against the classifier's Grad-CAM when there is one)."""
-    reference = None
-    if classifier_ckpt is not None and ccam_config.polarity in ("auto", "classifier"):
-        classifier, meta = load_classifier(classifier_ckpt)
-        gradcam = GradCamFamily("gradcam", classifier.to(device).eval())
-
-        def reference(images):
-            return gradcam.compute(images, [meta.positive_index] * len(images))
-
-    result = train_ccam(ccam_config, config.backbone, out_dir / "checkpoints", device, data_root, config.seed,
-                        classifier_ckpt, reference, progress)
-    model, meta = load_ccam(result.checkpoint)
-    targets = np.zeros(len(eval_set), dtype=np.int64)  # class-agnostic
-    with CCAMMaps(model.to(device), ccam_config.tta.hflip, ccam_config.tta.scales) as method:
-        map_dir = write_maps(method, eval_set, out_dir / "maps" / ccam_config.name, config.maps.image_size,
-                             meta["mean"], meta["std"], targets, device, config.maps.batch_size,
-                             config.maps.num_workers, progress, description=f"maps {ccam_config.name}")
-    return map_dir, result.metrics
+        with self.timer("export"):
+            self.metrics["export"] = export_run_models(self.out_dir, self.config.export, self.artifacts,
+                                                       self.data_root)
 
 
-def finish_run(name: str, out_dir: Path, metrics: Dict[str, Dict], timings: Dict[str, float]) -> RunResult:
+def finish_run(name: str, out_dir: Path, metrics: Dict[str, Dict], timings: Dict[str, float],
+               artifacts: Optional[Dict[str, Path]] = None) -> RunResult:
     write_json(out_dir / "metrics.json", {**metrics, "timings_s": timings})
     (out_dir / "report.md").write_text(markdown_report(name, metrics, timings))
     if any(isinstance(v, dict) and "dice" in v for v in metrics.values()):
-        bar_chart(out_dir / "plots" / "methods.png", metrics, f"{name}: pseudo-mask quality")
-    return RunResult(out_dir, metrics, timings)
+        bar_chart(out_dir / "plots" / "methods.png", metrics, f"{name}: mask quality")
+    return RunResult(out_dir, metrics, timings, dict(artifacts or {}))

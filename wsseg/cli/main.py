@@ -45,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optional_commands():
-    """Commands added by later layers (export, predict, bench) register here."""
-    return []
+    """Commands of the deployment layer (export, predict, bench)."""
+    from wsseg.cli import deploy
+
+    return [deploy]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

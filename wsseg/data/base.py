@@ -97,6 +97,40 @@ class SegmentationDataset:
         return self
 
 
+class ConcatDataset(SegmentationDataset):
+    """Several datasets read as one (e.g. CCAM or U-Net training on two image sources)."""
+
+    name = "concat"
+
+    def __init__(self, parts: List[SegmentationDataset]):
+        self.parts = parts
+        self.index = [(p, i) for p in parts for i in range(len(p))]
+        super().__init__([p.records[i] for p, i in self.index], parts[0].classes, parts[0].positive_index)
+
+    def describe(self) -> str:
+        return " + ".join(p.describe() for p in self.parts)
+
+    @property
+    def has_masks(self) -> bool:
+        return all(p.has_masks for p in self.parts)
+
+    def load_image(self, index: int) -> np.ndarray:
+        part, i = self.index[index]
+        return part.load_image(i)
+
+    def load_mask(self, index: int):
+        part, i = self.index[index]
+        return part.load_mask(i)
+
+    def image_size(self, index: int) -> tuple:
+        part, i = self.index[index]
+        return part.image_size(i)
+
+
+def concat_datasets(parts: List[SegmentationDataset]) -> SegmentationDataset:
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+
 def require_dir(path: Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():

@@ -56,9 +56,8 @@ class CCAM(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         maps = self.backbone(images)
-        size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
-        resized = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                   for m in maps]
+        size = maps[0].shape[-2:]  # stages come shallow to deep: the first is the finest
+        resized = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
         return torch.cat(resized, dim=1)
 
     def forward_train(self, images: torch.Tensor):

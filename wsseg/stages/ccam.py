@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
@@ -12,7 +13,7 @@ import torch
 
 from wsseg.config_schema import BackboneConfig, CCAMConfig
 from wsseg.data import create_dataset
-from wsseg.data.base import SegmentationDataset
+from wsseg.data.base import SegmentationDataset, concat_datasets
 from wsseg.data.transforms import TorchDataset, eval_transform, train_transform
 from wsseg.device import autocast, batch_to, seed_everything
 from wsseg.errors import ConfigError
@@ -29,20 +30,6 @@ MIN_RECOMMENDED_BATCH = 16  # the contrastive losses compare every pair in a bat
 class CCAMResult:
     checkpoint: Path
     metrics: Dict[str, float]
-
-
-class _ConcatDataset(SegmentationDataset):
-    name = "concat"
-
-    def __init__(self, parts):
-        self.parts = parts
-        self.index = [(p, i) for p in parts for i in range(len(p))]
-        self.records = [p.records[i] for p, i in self.index]
-        self.classes, self.positive_index = parts[0].classes, parts[0].positive_index
-
-    def load_image(self, index: int):
-        part, i = self.index[index]
-        return part.load_image(i)
 
 
 def build_ccam(config: CCAMConfig, backbone: BackboneConfig, classifier_checkpoint: Optional[Path]) -> CCAM:
@@ -91,7 +78,11 @@ def decide_polarity(model: CCAM, dataset: SegmentationDataset, mode: str, device
     if refs:
         flat_maps = maps[:, 0].flatten(1)
         flat_refs = torch.cat(refs).flatten(1).float()
-        corr = np.nanmean([np.corrcoef(a.numpy(), b.numpy())[0, 1] for a, b in zip(flat_maps, flat_refs)])
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # a flat map has no correlation: skipped
+            corr = np.nanmean([np.corrcoef(a.numpy(), b.numpy())[0, 1] for a, b in zip(flat_maps, flat_refs)])
+        if np.isnan(corr):  # every map flat: the classifier cannot tell, fall back to the border cue
+            corr = -1.0 if info["border_score"] > 0.5 else 1.0
         info["classifier_correlation"] = float(corr)
         flip = corr < 0
     elif mode == "classifier":
@@ -112,7 +103,7 @@ def train_ccam(config: CCAMConfig, backbone: BackboneConfig, out_dir: Path, devi
         log.warning("ccam '%s': batch_size %d is below %d; the contrastive losses compare pairs within a batch "
                     "and become noisy with few images", config.name, config.batch_size, MIN_RECOMMENDED_BATCH)
     parts = [create_dataset(d, data_root, key=f"ccam.train.{i}") for i, d in enumerate(config.train)]
-    dataset = parts[0] if len(parts) == 1 else _ConcatDataset(parts)
+    dataset = concat_datasets(parts)
     model = build_ccam(config, backbone, classifier_checkpoint).to(device)
     mean, std = normalisation(model.backbone)
     loader = make_loader(TorchDataset(dataset, train_transform(config.image_size, mean, std, config.vertical_flip)),

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from wsseg.cams import MapMethod, create_map_method
+from wsseg.cams import MapMethod
 from wsseg.data.base import SegmentationDataset
 from wsseg.data.transforms import TorchDataset, eval_transform
 from wsseg.progress import ProgressFn, no_progress
@@ -57,19 +57,3 @@ def write_maps(method: MapMethod, dataset: SegmentationDataset, out_dir: Path, i
         for i, activation in zip(indices, maps):
             save_map(out_dir / f"{dataset.records[i].stem}.npy", activation)
     return out_dir
-
-
-def generate_maps(methods: List[str], model: torch.nn.Module, dataset: SegmentationDataset, out_root: Path,
-                  image_size: int, mean, std, targets: np.ndarray, device: torch.device, batch_size: int = 16,
-                  target_layer: str = "auto", num_workers: int = 0,
-                  progress: ProgressFn = no_progress,
-                  timer: Callable = None) -> Dict[str, Path]:
-    """Maps of each classifier-based method in `methods`: returns {method: folder of .npy maps}."""
-    model = model.to(device).eval()
-    out: Dict[str, Path] = {}
-    for name in methods:
-        with create_map_method(name, model=model, target_layer=target_layer) as method:
-            log.info("maps: %s on %d images", name, len(dataset))
-            out[name] = write_maps(method, dataset, Path(out_root) / name, image_size, mean, std, targets, device,
-                                   batch_size, num_workers, progress, description=f"maps {name}")
-    return out

@@ -1,0 +1,159 @@
+"""`wsseg export`, `wsseg predict`, `wsseg bench infer|maps`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    export = subparsers.add_parser("export", help="export a run's U-Net (and CCAM) to ONNX with a parity check")
+    export.add_argument("run_dir", type=Path, help="a finished run directory (holds checkpoints/unet.pth)")
+    export.add_argument("--out", type=Path, help="ONNX file for the U-Net (default RUN_DIR/model.onnx)")
+    export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static, calibrated)")
+    export.add_argument("--data-root", type=Path, help="data root for the INT8 calibration images")
+    export.set_defaults(func=cmd_export)
+
+    predict = subparsers.add_parser("predict", help="segment images with a run's U-Net (torch or ONNX backend)")
+    predict.add_argument("model", type=Path, help="run directory, unet.pth or model.onnx")
+    predict.add_argument("inputs", nargs="+", help="image files or folders")
+    predict.add_argument("--out", type=Path, required=True, help="folder for <stem>.png masks")
+    predict.add_argument("--backend", choices=["torch", "onnx"], default="onnx")
+    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--overlays", action="store_true")
+    predict.set_defaults(func=cmd_predict)
+
+    bench = subparsers.add_parser("bench", help="speed benchmarks")
+    kinds = bench.add_subparsers(dest="bench", required=True, metavar="KIND")
+    infer = kinds.add_parser("infer", help="PyTorch eager vs ONNX Runtime images/s at batch 1 and 8",
+                             description="Times the U-Net of a run (or a fresh one with --encoder) in PyTorch "
+                                         "eager and ONNX Runtime (fp32 and, if present, INT8) on the same inputs.")
+    infer.add_argument("run_dir", type=Path, nargs="?", help="run directory with checkpoints/unet.pth")
+    infer.add_argument("--encoder", default="tu-tf_efficientnet_lite0", help="without a run: U-Net encoder")
+    infer.add_argument("--size", type=int, help="input size (default: the run's, else 352)")
+    infer.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    infer.add_argument("--iters", type=int, default=10)
+    infer.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its choice)")
+    infer.add_argument("--out", type=Path, help="write the rows as JSON here")
+    infer.set_defaults(func=cmd_bench_infer)
+    maps = kinds.add_parser("maps", help="map throughput: CCAM inference vs Grad-CAM-family methods")
+    maps.add_argument("--backbone", default="tf_efficientnet_lite0")
+    maps.add_argument("--weights", default="none", help="weights do not change speed; none avoids downloads")
+    maps.add_argument("--size", type=int, default=224)
+    maps.add_argument("--batch-size", type=int, default=16)
+    maps.add_argument("--methods", nargs="+", default=["ccam", "gradcam", "hirescam", "fullgrad"])
+    maps.add_argument("--iters", type=int, default=5)
+    maps.add_argument("--out", type=Path, help="write the rows as JSON here")
+    maps.set_defaults(func=cmd_bench_maps)
+
+
+def cmd_export(args) -> int:
+    from wsseg.cli.ui import console
+    from wsseg.deploy.onnx_export import export_segmenter
+
+    out = args.out or args.run_dir / "model.onnx"
+    report = export_segmenter(args.run_dir / "checkpoints" / "unet.pth", out, args.opset)
+    console.print(f"[green]exported[/green] {report.path} (opset {report.opset}); parity at "
+                  f"{report.parity_shape}: max |onnx - torch| = {report.max_abs_diff:.2e}")
+    if args.int8:
+        from wsseg.deploy.quantize import calibration_batches, quantize_int8
+
+        batches = calibration_batches(args.run_dir / "config.yaml", out, 16, args.data_root)
+        console.print(f"[green]INT8[/green] {quantize_int8(out, out.with_name(out.stem + '.int8.onnx'), batches)}")
+    return 0
+
+
+def _find(model: Path, backend: str) -> Path:
+    if model.is_dir():
+        return model / ("model.onnx" if backend == "onnx" else "checkpoints/unet.pth")
+    return model
+
+
+def cmd_predict(args) -> int:
+    from wsseg.cli.ui import console
+    from wsseg_infer import cli as infer_cli
+
+    path = _find(args.model, args.backend)
+    if args.backend == "onnx":
+        argv = [str(path), *args.inputs, "--out", str(args.out), "--batch-size", str(args.batch_size)]
+        return infer_cli.main(argv + (["--overlays"] if args.overlays else []))
+    import numpy as np
+    from PIL import Image
+
+    from wsseg.data.base import Record, SegmentationDataset
+    from wsseg.device import resolve_device
+    from wsseg.stages.segment import load_segmenter, predict_masks
+
+    files = infer_cli.collect(args.inputs)
+    dataset = SegmentationDataset([Record(p.stem, p, 0) for p in files], ["image"])
+    model, meta = load_segmenter(path)
+    predict_masks(model, meta, dataset, args.out, resolve_device("auto"), args.batch_size)
+    if args.overlays:
+        for i, p in enumerate(files):
+            mask = np.asarray(Image.open(args.out / f"{p.stem}.png")) > 127
+            Image.fromarray(infer_cli.overlay(dataset.load_image(i), mask)).save(args.out / f"{p.stem}_overlay.jpg")
+    console.print(f"{len(files)} masks written to {args.out} (torch backend)")
+    return 0
+
+
+def _print_rows(title: str, rows, out) -> None:
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from wsseg.cli.ui import console
+    from wsseg.stages.common import write_json
+
+    table = Table(title=title)
+    for column in ("backend / method", "batch", "images/s", "latency ms", "ratio"):
+        table.add_column(column, justify="right" if column != "backend / method" else "left")
+    for r in rows:
+        table.add_row(r.name, str(r.batch_size), f"{r.images_per_s:.1f}", f"{r.latency_ms:.1f}", f"{r.ratio:.2f}x")
+    console.print(table)
+    if out:
+        write_json(out, [asdict(r) for r in rows])
+
+
+def cmd_bench_infer(args) -> int:
+    import tempfile
+
+    import torch
+
+    from wsseg.deploy.bench import bench_inference
+    from wsseg.deploy.onnx_export import ProbabilityHead, export_segmenter
+
+    onnx_paths = {}
+    if args.run_dir:
+        from wsseg.models.segmenter import load_segmenter
+
+        model, meta = load_segmenter(args.run_dir / "checkpoints" / "unet.pth")
+        size = args.size or meta.image_size
+        fp32 = args.run_dir / "model.onnx"
+        if not fp32.is_file():
+            export_segmenter(args.run_dir / "checkpoints" / "unet.pth", fp32)
+        onnx_paths["onnxruntime fp32"] = fp32
+        if (args.run_dir / "model.int8.onnx").is_file():
+            onnx_paths["onnxruntime int8"] = args.run_dir / "model.int8.onnx"
+    else:
+        from wsseg.deploy.onnx_export import _export, _metadata
+        from wsseg.models.segmenter import build_unet
+
+        size = args.size or 352
+        model = build_unet(args.encoder, "none")
+        fp32 = Path(tempfile.mkdtemp()) / "model.onnx"
+        _export(ProbabilityHead(model), fp32, size, 17, _metadata("segmenter", size, (0.5,) * 3, (0.5,) * 3, 0.5, []))
+        onnx_paths["onnxruntime fp32"] = fp32
+    torch_model = ProbabilityHead(model).eval()
+    rows = bench_inference(torch_model, onnx_paths, size, args.batch_sizes, iters=args.iters, threads=args.threads)
+    _print_rows(f"inference at {size}x{size}, {torch.get_num_threads()} torch threads", rows, args.out)
+    return 0
+
+
+def cmd_bench_maps(args) -> int:
+    from wsseg.deploy.bench import bench_maps, map_method_callables
+
+    methods = map_method_callables(args.backbone, args.weights, args.methods)
+    rows = bench_maps(methods, args.size, args.batch_size, iters=args.iters)
+    _print_rows(f"map throughput, {args.backbone} at {args.size}px, batch {args.batch_size}", rows, args.out)
+    return 0

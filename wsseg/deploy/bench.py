@@ -1,0 +1,98 @@
+"""Throughput benchmarks: PyTorch eager vs ONNX Runtime, and map methods against each other.
+
+Same model, same inputs, warm-up first; returns rows of plain data for the CLI to print.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass
+class BenchRow:
+    name: str
+    batch_size: int
+    images_per_s: float
+    latency_ms: float
+    ratio: Optional[float] = None  # images/s relative to the first row of the same batch size
+
+
+def time_calls(fn: Callable[[], object], warmup: int, iters: int) -> float:
+    """Median seconds per call after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _row(name: str, batch: int, seconds: float) -> BenchRow:
+    return BenchRow(name, batch, batch / seconds, seconds * 1000)
+
+
+def add_ratios(rows: List[BenchRow]) -> List[BenchRow]:
+    base: Dict[int, float] = {}
+    for row in rows:
+        base.setdefault(row.batch_size, row.images_per_s)
+        row.ratio = row.images_per_s / base[row.batch_size]
+    return rows
+
+
+def bench_inference(torch_model: torch.nn.Module, onnx_paths: Dict[str, Path], image_size: int,
+                    batch_sizes: Sequence[int] = (1, 8), warmup: int = 3, iters: int = 10,
+                    threads: Optional[int] = None) -> List[BenchRow]:
+    """images/s of PyTorch eager and each ONNX model on identical random inputs."""
+    import onnxruntime as ort
+
+    from wsseg_infer.runtime import session_options
+
+    torch_model = torch_model.eval()
+    sessions = {name: ort.InferenceSession(str(p), session_options(threads), providers=["CPUExecutionProvider"])
+                for name, p in onnx_paths.items()}
+    rows = []
+    for batch in batch_sizes:
+        x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(batch))
+        with torch.inference_mode():
+            rows.append(_row("pytorch eager", batch, time_calls(lambda: torch_model(x), warmup, iters)))
+        feed = x.numpy()
+        for name, session in sessions.items():
+            rows.append(_row(name, batch, time_calls(lambda s=session: s.run(None, {"image": feed}), warmup, iters)))
+    return add_ratios(rows)
+
+
+def bench_maps(methods: Dict[str, Callable[[torch.Tensor], object]], image_size: int, batch_size: int,
+               warmup: int = 2, iters: int = 5) -> List[BenchRow]:
+    """images/s of map methods (`name -> fn(images)`) on one random batch."""
+    x = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    rows = [_row(name, batch_size, time_calls(lambda f=fn: f(x), warmup, iters)) for name, fn in methods.items()]
+    return add_ratios(rows)
+
+
+def map_method_callables(backbone: str, weights: str, names: Sequence[str], stages=(-2, -1),
+                         output_stride: int = 16) -> Dict[str, Callable]:
+    """CCAM inference and classifier-based methods on the same backbone, ready for `bench_maps`."""
+    from wsseg.cams import create_map_method
+    from wsseg.cams.ccam import CCAMMaps
+    from wsseg.models.ccam import CCAM
+    from wsseg.models.classifier import build_classifier
+
+    out: Dict[str, Callable] = {}
+    classifier = None
+    for name in names:
+        if name == "ccam":
+            ccam = CCAMMaps(CCAM(backbone, weights, stages, output_stride).eval())
+            out[name] = lambda x, m=ccam: m.compute(x)
+        else:
+            classifier = classifier or build_classifier(backbone, weights, 2).eval()
+            method = create_map_method(name, model=classifier)
+            out[name] = lambda x, m=method: m.compute(x, [1] * len(x))
+    return out

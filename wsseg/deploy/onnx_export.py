@@ -1,0 +1,132 @@
+"""Export the segmenter and CCAM map models to ONNX with dynamic batch/height/width and metadata.
+
+The ONNX model outputs probabilities (B, 1, H, W); preprocessing (resize, mean/std) and the
+threshold are stored in the model's metadata so the torch-free runtime needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import onnx
+import torch
+
+from wsseg import __version__
+
+log = logging.getLogger("wsseg")
+SIZE_MULTIPLE = 32  # U-Net encoders downsample 5 times
+
+
+class ProbabilityHead(torch.nn.Module):
+    """U-Net logits -> probabilities, so every runtime thresholds the same quantity."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(image))
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    max_abs_diff: float
+    parity_shape: tuple
+    opset: int
+
+    def as_dict(self) -> Dict:
+        return {"path": str(self.path), "max_abs_diff": self.max_abs_diff, "parity_shape": list(self.parity_shape),
+                "opset": self.opset}
+
+
+def _export(module: torch.nn.Module, path: Path, image_size: int, opset: int, metadata: Dict[str, str],
+            tolerance: float = 1e-3) -> ExportReport:
+    module = module.eval().cpu()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dummy = torch.randn(1, 3, image_size, image_size)
+    tmp = path.with_name(f".{path.name}.tmp")
+    axes = {0: "batch", 2: "height", 3: "width"}
+    torch.onnx.export(module, (dummy,), str(tmp), input_names=["image"], output_names=["probability"],
+                      dynamic_axes={"image": axes, "probability": axes}, opset_version=opset,
+                      do_constant_folding=True, dynamo=False)
+    model = onnx.load(str(tmp))
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp))
+    tmp.replace(path)
+    # Parity on a batch and size other than the traced ones proves the dynamic axes work.
+    shape = (2, 3, image_size + 2 * SIZE_MULTIPLE, image_size + SIZE_MULTIPLE)
+    diff = parity(module, path, shape)
+    if not diff <= tolerance:
+        raise RuntimeError(f"ONNX parity check failed for {path}: max |onnx - torch| = {diff:.2e} > {tolerance}")
+    log.info("exported %s (opset %d), parity at %s: max abs diff %.2e", path, opset, shape, diff)
+    return ExportReport(path, diff, shape, opset)
+
+
+def parity(module: torch.nn.Module, path: Path, shape: tuple, seed: int = 0) -> float:
+    import onnxruntime as ort
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = module(x).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": x.numpy()})[0]
+    return float(np.abs(got - expected).max())
+
+
+def _metadata(kind: str, image_size: int, mean, std, threshold: float, classes, extra: Optional[Dict] = None):
+    data = {"wsseg_kind": kind, "wsseg_version": __version__, "input_size": str(image_size),
+            "size_multiple": str(SIZE_MULTIPLE), "mean": json.dumps([float(m) for m in mean]),
+            "std": json.dumps([float(s) for s in std]), "threshold": str(threshold),
+            "class_names": json.dumps(list(classes)), "input_layout": "NCHW float32 RGB, (x/255 - mean) / std"}
+    data.update(extra or {})
+    return data
+
+
+def export_segmenter(checkpoint: Path, out_path: Path, opset: int = 17) -> ExportReport:
+    """Export a trained U-Net checkpoint (`checkpoints/unet.pth`) to ONNX."""
+    from wsseg.models.segmenter import load_segmenter
+
+    model, meta = load_segmenter(checkpoint)
+    metadata = _metadata("segmenter", meta.image_size, meta.mean, meta.std, meta.threshold, meta.classes,
+                         {"encoder": meta.encoder, "trained_on": meta.trained_on})
+    return _export(ProbabilityHead(model), out_path, meta.image_size, opset, metadata)
+
+
+def export_ccam(checkpoint: Path, out_path: Path, opset: int = 17, threshold: float = 0.58) -> ExportReport:
+    """Export a CCAM map model (forward only, polarity buffer included) for fast pseudo-labelling."""
+    from wsseg.stages.ccam import load_ccam
+
+    model, meta = load_ccam(checkpoint)
+    metadata = _metadata("ccam", meta["image_size"], meta["mean"], meta["std"], threshold,
+                         ["background", "foreground"], {"backbone": meta["backbone"], "flip": str(float(model.flip))})
+    return _export(model, out_path, meta["image_size"], opset, metadata)
+
+
+def export_run_models(run_dir: Path, config, artifacts: Dict[str, Path], data_root=None) -> Dict:
+    """Export what a run trained: `model.onnx` (U-Net), `<ccam name>.onnx`, and `model.int8.onnx` if asked."""
+    run_dir = Path(run_dir)
+    report: Dict = {}
+    if "unet" in artifacts:
+        report["unet"] = export_segmenter(artifacts["unet"], run_dir / "model.onnx", config.opset).as_dict()
+        if config.int8:
+            from wsseg.deploy.quantize import quantize_from_run
+
+            report["unet_int8"] = quantize_from_run(run_dir, config.calibration_images, data_root)
+    for name, path in artifacts.items():
+        if name != "unet":
+            report[name] = export_ccam(path, run_dir / f"{name}.onnx", config.opset).as_dict()
+    return report
+
+
+def read_metadata(path: Path) -> Dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}

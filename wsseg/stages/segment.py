@@ -1,0 +1,152 @@
+"""Stage 5: train a U-Net on pseudo-masks (or real masks, for the upper bound) and predict masks."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsseg.config_schema import BackboneConfig, SegmentConfig
+from wsseg.data.base import SegmentationDataset
+from wsseg.data.io import write_mask_png
+from wsseg.data.transforms import TorchDataset, eval_transform, train_transform
+from wsseg.device import autocast, batch_to, seed_everything
+from wsseg.models.segmenter import SegmenterMeta, build_unet, encoder_normalisation, load_segmenter, save_segmenter
+from wsseg.progress import ProgressFn, no_progress
+from wsseg.stages.common import cosine_lambda, make_loader, param_groups, write_json
+from wsseg.stages.maps import load_map
+from wsseg.stages.pseudo_masks import resize_map
+
+log = logging.getLogger("wsseg")
+IGNORE = 255
+
+
+@dataclass
+class SegmentResult:
+    checkpoint: Path
+    metrics: Dict[str, float]
+
+
+def pseudo_mask_source(dataset: SegmentationDataset, map_dir: Optional[Path], threshold: float,
+                       ignore_band: Optional[List[float]] = None) -> Callable[[int], np.ndarray]:
+    """index -> uint8 mask (0/1, 255 = ignored) from saved maps, or the real masks when `map_dir` is None.
+
+    Images whose image-level label is negative get an empty mask whatever their map shows.
+    """
+    def from_ground_truth(index: int) -> np.ndarray:
+        return dataset.load_mask(index).astype(np.uint8)
+
+    def from_map(index: int) -> np.ndarray:
+        height, width = dataset.image_size(index)
+        if dataset.records[index].label != dataset.positive_index:
+            return np.zeros((height, width), np.uint8)  # the image label says: nothing to find here
+        activation = resize_map(load_map(Path(map_dir) / f"{dataset.records[index].stem}.npy"), height, width)
+        mask = (activation >= threshold).astype(np.uint8)
+        if ignore_band is not None:
+            mask[(activation >= ignore_band[0]) & (activation < ignore_band[1])] = IGNORE
+        return mask
+
+    return from_ground_truth if map_dir is None else from_map
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice, both over the pixels that are not ignored."""
+    valid = (target != IGNORE).float()
+    target = target.clamp(max=1).float() * valid
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=valid, reduction="sum") / valid.sum().clamp(min=1)
+    probs = torch.sigmoid(logits) * valid
+    dims = (1, 2)
+    dice = 1 - (2 * (probs * target).sum(dims) + 1) / (probs.sum(dims) + target.sum(dims) + 1)
+    return bce + dice.mean()
+
+
+def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: SegmentationDataset,
+                    mask_source: Callable[[int], np.ndarray], out_dir: Path, device: torch.device, seed: int = 0,
+                    progress: ProgressFn = no_progress, val: Optional[SegmentationDataset] = None) -> SegmentResult:
+    """Train the U-Net; keeps the best checkpoint by validation Dice when `val` has masks, else the last."""
+    seed_everything(seed)
+    encoder = config.encoder or f"tu-{backbone.name}"
+    weights = config.encoder_weights or backbone.weights
+    model = build_unet(encoder, weights).to(device)
+    mean, std = encoder_normalisation(encoder)
+    meta = SegmenterMeta(encoder, config.image_size, mean, std, config.threshold, trained_on=config.masks)
+    loader = make_loader(TorchDataset(dataset, train_transform(config.image_size, mean, std, config.vertical_flip),
+                                      with_masks=True, masks=mask_source),
+                         config.batch_size, True, config.num_workers, seed, drop_last=True)
+    optimizer = torch.optim.AdamW(param_groups([(model.encoder, config.lr), (model.decoder, config.lr),
+                                                (model.segmentation_head, config.lr)], config.weight_decay))
+    steps = config.epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(steps, warmup=min(50, steps // 10)))
+    checkpoint = Path(out_dir) / "unet.pth"
+    best, history = -1.0, []
+    for epoch in range(config.epochs):
+        model.train()
+        total, count = 0.0, 0
+        for batch in progress(loader, total=len(loader), description=f"unet epoch {epoch + 1}/{config.epochs}"):
+            batch = batch_to(batch, device)
+            with autocast(device, config.amp):
+                logits = model(batch["image"])[:, 0]
+            loss = segmentation_loss(logits.float(), batch["mask"])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"unet: loss became {loss.item()} at epoch {epoch + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item()
+            count += 1
+        record = {"epoch": epoch + 1, "loss": total / max(1, count)}
+        if val is not None and val.has_masks:
+            record["val_dice"] = validation_dice(model, val, meta, device)
+        history.append(record)
+        log.info("unet epoch %d/%d: %s", epoch + 1, config.epochs, record)
+        score = record.get("val_dice", epoch)  # without validation masks, the last epoch wins
+        if score >= best:
+            best = score
+            save_segmenter(checkpoint, model, meta, {"history": history})
+    metrics = {"final_loss": history[-1]["loss"], "best_val_dice": best if val is not None else None}
+    write_json(Path(out_dir) / "unet_history.json", history)
+    return SegmentResult(checkpoint, metrics)
+
+
+@torch.no_grad()
+def predict_probabilities(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(model(images)[:, 0])
+
+
+@torch.no_grad()
+def predict_masks(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset, out_dir: Optional[Path],
+                  device: torch.device, batch_size: int = 8, progress: ProgressFn = no_progress,
+                  keep: bool = False) -> List[np.ndarray]:
+    """Masks at each image's own size; written as `out_dir/<stem>.png` when `out_dir` is given."""
+    model = model.to(device).eval()
+    loader = make_loader(TorchDataset(dataset, eval_transform(meta.image_size, meta.mean, meta.std)), batch_size, False)
+    kept = []
+    for batch in progress(loader, total=len(loader), description="unet predict"):
+        with autocast(device):
+            probs = predict_probabilities(model, batch["image"].to(device)).float().cpu().numpy()
+        for index, prob in zip(batch["index"].tolist(), probs):
+            height, width = dataset.image_size(index)
+            mask = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR) >= meta.threshold
+            if out_dir is not None:
+                write_mask_png(Path(out_dir) / f"{dataset.records[index].stem}.png", mask)
+            if keep:
+                kept.append(mask)
+    return kept
+
+
+def validation_dice(model, dataset: SegmentationDataset, meta: SegmenterMeta, device) -> float:
+    from wsseg.metrics import confusion, scores
+
+    masks = predict_masks(model, meta, dataset, None, device, keep=True)
+    return float(np.mean([scores(confusion(m, dataset.load_mask(i)))["dice"] for i, m in enumerate(masks)]))
+
+
+__all__ = ["SegmentResult", "load_segmenter", "predict_masks", "pseudo_mask_source", "segmentation_loss",
+           "train_segmenter"]
