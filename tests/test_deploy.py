@@ -1,0 +1,163 @@
+"""Segmenter training pieces, ONNX export, INT8, the torch-free runtime and the benchmarks."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from wsseg.config_schema import DatasetConfig
+from wsseg.data import create_dataset
+from wsseg.deploy.bench import bench_inference, bench_maps, map_method_callables
+from wsseg.deploy.onnx_export import ProbabilityHead, export_segmenter, read_metadata
+from wsseg.deploy.quantize import quantize_int8
+from wsseg.models.segmenter import SegmenterMeta, build_unet, load_segmenter, save_segmenter
+from wsseg.stages.segment import IGNORE, predict_masks, pseudo_mask_source, segmentation_loss
+from wsseg_infer.runtime import InputError, Segmenter
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ENCODER = "tu-test_resnet"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny U-Net checkpoint and its ONNX export."""
+    folder = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = build_unet(TINY_ENCODER, "none")
+    meta = SegmenterMeta(TINY_ENCODER, 64, (0.5,) * 3, (0.5,) * 3, 0.5, trained_on="test")
+    save_segmenter(folder / "unet.pth", model, meta)
+    report = export_segmenter(folder / "unet.pth", folder / "model.onnx")
+    return folder, report
+
+
+def test_export_parity_dynamic_axes_and_metadata(exported):
+    folder, report = exported
+    assert report.max_abs_diff < 1e-4 and report.parity_shape[0] == 2 and report.parity_shape[2] != 64
+    assert report.opset >= 17
+    onnx.checker.check_model(onnx.load(str(report.path)))
+    meta = read_metadata(report.path)
+    for key in ("mean", "std", "input_size", "threshold", "class_names", "wsseg_version"):
+        assert key in meta
+    assert meta["input_size"] == "64" and meta["wsseg_kind"] == "segmenter"
+
+
+def test_runtime_matches_torch_and_keeps_image_sizes(exported):
+    folder, report = exported
+    dataset = create_dataset(DatasetConfig("synthetic", None, "val", options={"n": 4, "size": 80}))
+    model, meta = load_segmenter(folder / "unet.pth")
+    torch_masks = predict_masks(model, meta, dataset, None, "cpu", keep=True)
+    runtime = Segmenter(report.path, device="cpu")
+    images = [dataset.load_image(i) for i in range(len(dataset))]
+    onnx_masks = runtime.masks(images, batch_size=3)
+    for t, o, image in zip(torch_masks, onnx_masks, images):
+        assert o.shape == image.shape[:2]
+        assert (t == o).mean() > 0.97  # resizing libraries differ by a pixel here and there
+
+
+def test_runtime_rejects_bad_inputs(exported, tmp_path):
+    runtime = Segmenter(exported[1].path, device="cpu")
+    with pytest.raises(InputError, match="float32"):
+        runtime.run(np.zeros((1, 3, 64, 64), np.float64))
+    with pytest.raises(InputError, match=r"shape \(batch, 3, height, width\)"):
+        runtime.run(np.zeros((3, 64, 64), np.float32))
+    with pytest.raises(InputError, match="multiples of 32"):
+        runtime.run(np.zeros((1, 3, 50, 64), np.float32))
+    with pytest.raises(InputError, match="model file not found"):
+        Segmenter(tmp_path / "nope.onnx")
+
+
+def test_int8_variant_is_written_and_close(exported, tmp_path):
+    folder, report = exported
+    rng = np.random.default_rng(0)
+    calibration = [rng.standard_normal((1, 3, 64, 64)).astype(np.float32) for _ in range(4)]
+    out = quantize_int8(report.path, tmp_path / "model.int8.onnx", calibration)
+    assert read_metadata(out)["quantization"] == "int8-static-qdq"
+    x = calibration[0]
+    fp32, int8 = Segmenter(report.path, "cpu").run(x), Segmenter(out, "cpu").run(x)
+    assert np.abs(fp32 - int8).mean() < 0.1
+
+
+def test_bench_rows_have_ratios(exported):
+    folder, report = exported
+    model, _ = load_segmenter(folder / "unet.pth")
+    rows = bench_inference(ProbabilityHead(model), {"onnxruntime fp32": report.path}, 64, (1, 2), warmup=1, iters=2)
+    assert [r.batch_size for r in rows] == [1, 1, 2, 2]
+    assert rows[0].ratio == 1.0 and rows[1].ratio > 0
+    maps = bench_maps(map_method_callables("test_resnet", "none", ["ccam", "gradcam"]), 64, 2, warmup=1, iters=1)
+    assert [r.name for r in maps] == ["ccam", "gradcam"] and all(r.images_per_s > 0 for r in maps)
+
+
+def test_segmentation_loss_ignores_band():
+    logits = torch.zeros(1, 4, 4)
+    target = torch.zeros(1, 4, 4)
+    target[0, :2] = IGNORE
+    wrong = target.clone()
+    wrong[0, :2] = IGNORE
+    logits_bad = logits.clone()
+    logits_bad[0, :2] = 10.0  # confident nonsense only on ignored pixels
+    assert torch.isclose(segmentation_loss(logits, target), segmentation_loss(logits_bad, wrong))
+    perfect = torch.full((1, 4, 4), -10.0)
+    assert segmentation_loss(perfect, torch.zeros(1, 4, 4)) < segmentation_loss(logits, torch.zeros(1, 4, 4))
+
+
+def test_pseudo_mask_source_negatives_band_and_ground_truth(tmp_path):
+    dataset = create_dataset(DatasetConfig("synthetic", None, "train", options={"n": 6, "size": 32,
+                                                                                "negative_fraction": 0.5}))
+    for i, record in enumerate(dataset.records):
+        ramp = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (32, 1))
+        np.save(tmp_path / f"{record.stem}.npy", ramp.astype(np.float16))
+    source = pseudo_mask_source(dataset, tmp_path, 0.5, [0.4, 0.6])
+    for i, record in enumerate(dataset.records):
+        mask = source(i)
+        if record.label == 0:
+            assert not mask.any()
+        else:
+            assert set(np.unique(mask)) == {0, 1, IGNORE}
+            assert mask[0, -1] == 1 and mask[0, 0] == 0 and mask[0, 16] == IGNORE
+    truth = pseudo_mask_source(dataset, None, 0.5)
+    assert np.array_equal(truth(0), dataset.load_mask(0).astype(np.uint8))
+
+
+def test_predict_cli_both_backends(exported, tmp_path):
+    from wsseg.cli.main import main
+
+    folder, report = exported
+    (folder / "checkpoints").mkdir(exist_ok=True)
+    (folder / "checkpoints" / "unet.pth").write_bytes((folder / "unet.pth").read_bytes())
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(images / f"a{i}.jpg")
+    for backend in ("torch", "onnx"):
+        out = tmp_path / backend
+        assert main(["predict", str(folder), str(images), "--out", str(out), "--backend", backend, "--overlays"]) == 0
+        mask = Image.open(out / "a0.png")
+        assert mask.size == (90, 70) and (out / "a0_overlay.jpg").is_file()
+
+
+def test_runtime_installs_and_runs_without_torch(exported, tmp_path):
+    """pip install ./export into a fresh venv (no torch), then run its CLI on the exported model."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    subprocess.run([str(python), "-m", "pip", "install", "-q", str(ROOT / "export")], check=True, env=env)
+    check = subprocess.run([str(python), "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"],
+                           capture_output=True, text=True, check=True)
+    assert check.stdout.strip() == "True"
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(images / "black.png")
+    result = subprocess.run([str(venv / "bin" / "wsseg-infer"), str(exported[1].path), str(images), "--out",
+                             str(tmp_path / "masks")], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "images/s" in result.stdout and Image.open(tmp_path / "masks" / "black.png").size == (50, 40)
+    bad = subprocess.run([str(venv / "bin" / "wsseg-infer"), str(exported[1].path), str(tmp_path / "missing"),
+                          "--out", str(tmp_path / "m2")], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "no such file or folder" in bad.stderr
