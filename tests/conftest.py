@@ -80,7 +80,9 @@ def tiny_demo_overrides(out_methods=("ccam", "ccam_cls", "gradcam", "hirescam", 
         ccam += [f"ccam.{i}.train.0.options.n=16", f"ccam.{i}.train.0.options.size=64", f"ccam.{i}.image_size=64",
                  f"ccam.{i}.epochs=1", f"ccam.{i}.batch_size=8"]
     segment = ["segment.train.0.options.n=16", "segment.train.0.options.size=64", "segment.image_size=64",
-               "segment.epochs=1", "segment.batch_size=4", "export.calibration_images=2"]
+               "segment.epochs=1", "segment.batch_size=4", "export.calibration_images=2",
+               "segment.self_training_rounds=1", "pseudo_masks.calibrate.dataset.options.size=64",
+               "pseudo_masks.calibrate.n_images=3"]
     return ccam + segment + [
         f"backbone.name={TINY_MODEL}",
         "classifier.train.0.options.n=24", "classifier.train.0.options.size=64",

@@ -6,6 +6,7 @@ import torch
 
 from conftest import TINY_MODEL
 from wsseg.cams.ccam import CCAMMaps
+from wsseg.cams.tta import TTAMaps
 from wsseg.config_schema import BackboneConfig, CCAMConfig, DatasetConfig
 from wsseg.data import create_dataset
 from wsseg.errors import ConfigError
@@ -101,10 +102,10 @@ def test_tta_averages_flips_and_scales():
     model = CCAM(TINY_MODEL).eval()
     images = torch.randn(2, 3, 64, 64)
     plain = CCAMMaps(model).compute(images)
-    tta = CCAMMaps(model, hflip=True, scales=[0.75, 1.0]).compute(images)
+    tta = TTAMaps(CCAMMaps(model), hflip=True, scales=[0.75, 1.0]).compute(images)
     assert plain.shape == tta.shape == (2, 64, 64)
     assert not np.allclose(plain, tta)
-    symmetric = CCAMMaps(model, hflip=True).compute(torch.cat([images, images.flip(-1)]))
+    symmetric = TTAMaps(CCAMMaps(model), hflip=True).compute(torch.cat([images, images.flip(-1)]))
     assert np.allclose(symmetric[0], symmetric[2][:, ::-1], atol=1e-5)  # flip-averaged maps are flip-equivariant
 
 

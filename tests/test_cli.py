@@ -50,8 +50,8 @@ def test_demo_end_to_end_through_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "demo: masks vs ground truth" in printed and "gradcam" in printed
     metrics = json.loads((out / "metrics.json").read_text())
-    for producer in ("ccam", "ccam_cls", "gradcam", "hirescam", "fullgrad", "unet", "all_foreground",
-                     "center_ellipse"):
+    for producer in ("ccam", "ccam_cls", "ccam_cls_refined", "ccam_cls_calibrated", "gradcam", "hirescam",
+                     "fullgrad", "unet_round0", "unet", "all_foreground", "center_ellipse"):
         entry = metrics[producer]
         assert {"dice", "iou", "precision", "recall", "accuracy", "n_images"} <= set(entry)
         assert entry["n_images"] == 6
@@ -61,11 +61,16 @@ def test_demo_end_to_end_through_cli(tmp_path, capsys):
     assert metrics["ccam_training"]["flip"] in (0.0, 1.0) and "classifier_correlation" in metrics["ccam_training"]
     assert (out / "report.md").read_text().count("|") > 20
     assert (out / "plots" / "methods.png").stat().st_size > 1000
+    for method in ("ccam", "gradcam"):
+        for kind in ("sample", "worst"):
+            assert (out / "plots" / f"grid_{method}_{kind}.png").stat().st_size > 1000
     # The run ends with an exported U-Net whose parity check passed, plus the CCAM map models and INT8.
     assert (out / "model.onnx").is_file() and (out / "model.int8.onnx").is_file()
     assert (out / "ccam.onnx").is_file() and (out / "ccam_cls.onnx").is_file()
     assert metrics["export"]["unet"]["max_abs_diff"] < 1e-3
     assert (out / "masks" / "unet").is_dir()
+    assert metrics["calibration"]["ccam_cls_calibrated"]["n_images"] == 3
+    assert (out / "checkpoints" / "unet_round0.pth").is_file()  # one self-training round before the final U-Net
     # The Dice in metrics.json is the Dice of the PNG files on disk.
     from wsseg.config import load_recipe
     from wsseg.data import create_dataset

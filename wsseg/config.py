@@ -89,6 +89,7 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
     """Names that must exist in a registry, checked up front so a run fails in seconds, not hours."""
     from wsseg.cams import list_map_methods
     from wsseg.data import list_datasets
+    from wsseg.refine import validate_steps
     from wsseg.stages.references import list_reference_producers
 
     problems = []
@@ -115,11 +116,30 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
     for path, d in datasets:  # after every section has added its datasets
         if d.name not in list_datasets():
             problems.append(f"{path}.name: unknown dataset '{d.name}' (valid: {', '.join(list_datasets())})")
+    variant_names = [v.name for v in config.pseudo_masks.variants]
+    for i, v in enumerate(config.pseudo_masks.variants):
+        key = f"pseudo_masks.variants.{i}"
+        if v.source not in config.maps.methods:
+            problems.append(f"{key}.source: '{v.source}' is not one of maps.methods ({', '.join(config.maps.methods)})")
+        if v.name in config.maps.methods or not v.name:
+            problems.append(f"{key}.name: '{v.name}' must be a new, non-empty name")
+        if v.threshold_mode not in ("fixed", "otsu", "calibrated"):
+            problems.append(f"{key}.threshold_mode: must be fixed, otsu or calibrated, got '{v.threshold_mode}'")
+        if v.threshold_mode == "calibrated" and (config.pseudo_masks.calibrate is None
+                                                 or config.pseudo_masks.calibrate.dataset is None):
+            problems.append(f"{key}.threshold_mode: calibrated needs pseudo_masks.calibrate.dataset")
+        problems += validate_steps(v.refine, f"{key}.refine")
+        for j, step in enumerate(v.refine):
+            if step.other is not None and step.other not in config.maps.methods:
+                problems.append(f"{key}.refine.{j}.other: '{step.other}' is not one of maps.methods")
+    if config.pseudo_masks.calibrate is not None and config.pseudo_masks.calibrate.dataset is not None:
+        datasets.append(("pseudo_masks.calibrate.dataset", config.pseudo_masks.calibrate.dataset))
     if config.segment is not None:
         datasets += [(f"segment.train.{j}", d) for j, d in enumerate(config.segment.train)]
-        if config.segment.masks != "ground_truth" and config.segment.masks not in config.maps.methods:
+        producers = config.maps.methods + variant_names
+        if config.segment.masks != "ground_truth" and config.segment.masks not in producers:
             problems.append(f"segment.masks: '{config.segment.masks}' must be ground_truth or one of "
-                            f"maps.methods ({', '.join(config.maps.methods)})")
+                            f"maps.methods or pseudo_masks.variants ({', '.join(producers)})")
         band = config.segment.ignore_band
         if band is not None and not (len(band) == 2 and 0 <= band[0] <= band[1] <= 1):
             problems.append(f"segment.ignore_band: expected [low, high] with 0 <= low <= high <= 1, got {band}")

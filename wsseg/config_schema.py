@@ -43,6 +43,14 @@ class ClassifierConfig:
 
 
 @dataclass
+class TTAConfig:
+    """Test-time augmentation: maps averaged over flips and scales."""
+
+    hflip: bool = False
+    scales: List[float] = field(default_factory=lambda: [1.0])
+
+
+@dataclass
 class MapsConfig:
     """Activation maps for the evaluation images, one folder of maps per method."""
 
@@ -53,14 +61,7 @@ class MapsConfig:
     target: str = "positive"
     target_layer: str = "auto"
     num_workers: int = 0
-
-
-@dataclass
-class TTAConfig:
-    """Test-time augmentation: maps averaged over flips and scales."""
-
-    hflip: bool = False
-    scales: List[float] = field(default_factory=lambda: [1.0])
+    tta: TTAConfig = field(default_factory=TTAConfig)
 
 
 @dataclass
@@ -86,7 +87,6 @@ class CCAMConfig:
     vertical_flip: bool = True
     num_workers: int = 0
     amp: bool = True
-    tta: TTAConfig = field(default_factory=TTAConfig)
 
 
 @dataclass
@@ -106,6 +106,8 @@ class SegmentConfig:
     weight_decay: float = 1e-4
     ignore_band: Optional[List[float]] = None
     threshold: float = 0.5
+    self_training_rounds: int = 0
+    confident_band: List[float] = field(default_factory=lambda: [0.3, 0.7])
     vertical_flip: bool = True
     num_workers: int = 0
     amp: bool = True
@@ -122,10 +124,42 @@ class ExportConfig:
 
 
 @dataclass
+class RefineStepConfig:
+    """One refinement step from `wsseg.refine` (`other` names the second map for gate/mean)."""
+
+    name: str = ""
+    other: Optional[str] = None
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MaskVariantConfig:
+    """A named mask producer built from one method's maps: refinement steps and a threshold rule
+    (`fixed`, per-image `otsu`, or `calibrated` on a few labelled images)."""
+
+    name: str = ""
+    source: str = ""
+    refine: List[RefineStepConfig] = field(default_factory=list)
+    threshold: Optional[float] = None
+    threshold_mode: str = "fixed"
+
+
+@dataclass
+class CalibrateConfig:
+    """Labelled images for threshold calibration; never the evaluation images."""
+
+    dataset: Optional[DatasetConfig] = None
+    n_images: int = 10
+    grid: List[float] = field(default_factory=lambda: [round(0.05 * k, 2) for k in range(2, 19)])
+
+
+@dataclass
 class PseudoMaskConfig:
-    """How maps become binary masks."""
+    """How maps become binary masks: the default threshold, and extra refined variants."""
 
     threshold: float = 0.58
+    variants: List[MaskVariantConfig] = field(default_factory=list)
+    calibrate: Optional[CalibrateConfig] = None
 
 
 @dataclass

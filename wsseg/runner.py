@@ -15,6 +15,7 @@ import numpy as np
 from wsseg.cams import create_map_method, requires_classifier
 from wsseg.cams.base import MapMethod
 from wsseg.cams.ccam import CCAMMaps
+from wsseg.cams.tta import TTAMaps
 from wsseg.config import to_yaml
 from wsseg.config_schema import RecipeConfig
 from wsseg.data import create_dataset
@@ -29,7 +30,7 @@ from wsseg.stages.classifier import predict_probabilities, train_classifier
 from wsseg.stages.common import write_json
 from wsseg.stages.evaluate import evaluate_mask_dir, write_per_image_csv
 from wsseg.stages.maps import choose_targets, write_maps
-from wsseg.stages.pseudo_masks import make_pseudo_masks, make_reference_masks
+from wsseg.stages.pseudo_masks import MaskRule, calibrate_threshold, make_reference_masks, write_rule_masks
 
 log = logging.getLogger("wsseg")
 
@@ -125,15 +126,16 @@ class RecipeRun:
         with self.timer("maps"):
             map_dirs = {name: self.write_maps(name, producer, eval_set, self.out_dir / "maps" / name)
                         for name, producer in producers.items()}
+        self.rules = self.mask_rules(producers)
         mask_dirs: Dict[str, Path] = {}
         with self.timer("pseudo_masks"):
-            for name, map_dir in map_dirs.items():
-                mask_dirs[name] = make_pseudo_masks(map_dir, eval_set, self.out_dir / "masks" / name,
-                                                    config.pseudo_masks.threshold, self.progress)
+            for name, rule in self.rules.items():
+                mask_dirs[name] = write_rule_masks(rule, eval_set, map_dirs, self.out_dir / "masks" / name,
+                                                   self.progress, f"masks {name}")
             for name in config.evaluate.references:
                 mask_dirs[name] = make_reference_masks(name, eval_set, self.out_dir / "masks" / name, self.progress)
         if config.segment is not None:
-            mask_dirs["unet"] = self.segment(producers, eval_set)
+            mask_dirs.update(self.segment(producers, eval_set))
         self.evaluate(mask_dirs, eval_set)
         if config.export is not None and config.export.enabled:
             self.export(producers)
@@ -192,38 +194,78 @@ class RecipeRun:
         self.artifacts[ccam_config.name] = result.checkpoint
         model, meta = load_ccam(result.checkpoint)
         model = model.to(self.device)
-        return MapProducer(lambda: CCAMMaps(model, ccam_config.tta.hflip, ccam_config.tta.scales),
+        return MapProducer(lambda: CCAMMaps(model),
                            tuple(meta["mean"]), tuple(meta["std"]),
                            lambda dataset: np.zeros(len(dataset), dtype=np.int64))
 
+    def mask_rules(self, producers: Dict[str, MapProducer]) -> Dict[str, MaskRule]:
+        """One rule per map method (plain threshold) and per refined variant (calibrated if asked)."""
+        pm = self.config.pseudo_masks
+        rules = {name: MaskRule(name, pm.threshold) for name in producers}
+        for variant in pm.variants:
+            rule = MaskRule(variant.source, variant.threshold if variant.threshold is not None else pm.threshold,
+                            "otsu" if variant.threshold_mode == "otsu" else "fixed", variant.refine)
+            if variant.threshold_mode == "calibrated":
+                with self.timer("calibrate"):
+                    rule.threshold = self.calibrate(variant.name, rule, producers)
+            rules[variant.name] = rule
+        return rules
+
+    def calibrate(self, name: str, rule: MaskRule, producers: Dict[str, MapProducer]) -> float:
+        calib = self.config.pseudo_masks.calibrate
+        dataset = create_dataset(calib.dataset, self.data_root, key="pseudo_masks.calibrate.dataset")
+        dataset = dataset.subset(calib.n_images)
+        map_dirs = {}
+        for m in rule.maps_needed:  # variants sharing a source share its calibration maps
+            folder = self.out_dir / "maps_calibrate" / m
+            map_dirs[m] = folder if folder.is_dir() else self.write_maps(m, producers[m], dataset, folder)
+        threshold, curve = calibrate_threshold(rule, dataset, map_dirs, calib.grid)
+        self.metrics.setdefault("calibration", {})[name] = {"threshold": threshold, "n_images": len(dataset),
+                                                             "dice_by_threshold": curve}
+        log.info("%s: calibrated threshold %.2f on %d labelled images", name, threshold, len(dataset))
+        return threshold
+
     def write_maps(self, name: str, producer: MapProducer, dataset: SegmentationDataset, out: Path) -> Path:
         log.info("maps: %s on %d images", name, len(dataset))
-        with producer.build() as method:
+        tta = self.config.maps.tta
+        with TTAMaps(producer.build(), tta.hflip, tta.scales) as method:
             return write_maps(method, dataset, out, self.config.maps.image_size, producer.mean, producer.std,
                               producer.targets(dataset), self.device, self.config.maps.batch_size,
                               self.config.maps.num_workers, self.progress, description=f"maps {name}")
 
-    def segment(self, producers: Dict[str, MapProducer], eval_set: SegmentationDataset) -> Path:
-        from wsseg.stages.segment import load_segmenter, predict_masks, pseudo_mask_source, train_segmenter
+    def segment(self, producers: Dict[str, MapProducer], eval_set: SegmentationDataset) -> Dict[str, Path]:
+        """Train the U-Net on pseudo-masks (or real masks), then optional self-training rounds.
+        Returns {"unet": mask folder} plus one entry per earlier round."""
+        from wsseg.stages.segment import (confident_mask_source, load_segmenter, predict_masks, pseudo_mask_source,
+                                          train_segmenter)
 
         seg = self.config.segment
         parts = [create_dataset(d, self.data_root, key=f"segment.train.{i}") for i, d in enumerate(seg.train)]
         train_set = concat_datasets(parts)
-        map_dir = None
+        rule, map_dirs = None, None
         if seg.masks != "ground_truth":
+            rule = self.rules[seg.masks]
             with self.timer("maps_train"):
-                map_dir = self.write_maps(seg.masks, producers[seg.masks], train_set,
-                                          self.out_dir / "maps_train" / seg.masks)
-        source = pseudo_mask_source(train_set, map_dir, self.config.pseudo_masks.threshold, seg.ignore_band)
-        with self.timer("unet"):
-            result = train_segmenter(seg, self.config.backbone, train_set, source, self.out_dir / "checkpoints",
-                                     self.device, self.config.seed, self.progress)
-            self.metrics["unet_training"] = result.metrics
-            self.artifacts["unet"] = result.checkpoint
-            model, meta = load_segmenter(result.checkpoint)
-            return_dir = self.out_dir / "masks" / "unet"
-            predict_masks(model, meta, eval_set, return_dir, self.device, seg.batch_size, self.progress)
-        return return_dir
+                map_dirs = {m: self.write_maps(m, producers[m], train_set, self.out_dir / "maps_train" / m)
+                            for m in rule.maps_needed}
+        source = pseudo_mask_source(train_set, rule, map_dirs, seg.ignore_band)
+        out: Dict[str, Path] = {}
+        rounds = seg.self_training_rounds
+        for round_index in range(rounds + 1):
+            name = "unet" if round_index == rounds else f"unet_round{round_index}"
+            with self.timer("unet"):
+                result = train_segmenter(seg, self.config.backbone, train_set, source, self.out_dir / "checkpoints",
+                                         self.device, self.config.seed + round_index, self.progress, name=name)
+                self.metrics[f"{name}_training"] = result.metrics
+                model, meta = load_segmenter(result.checkpoint)
+                out[name] = self.out_dir / "masks" / name
+                predict_masks(model, meta, eval_set, out[name], self.device, seg.batch_size, self.progress)
+                if round_index < rounds:  # the next round learns from this model's confident pixels
+                    probabilities = predict_masks(model, meta, train_set, None, self.device, seg.batch_size,
+                                                  self.progress, keep_probabilities=True)
+                    source = confident_mask_source(train_set, probabilities, seg.confident_band)
+        self.artifacts["unet"] = self.out_dir / "checkpoints" / "unet.pth"
+        return out
 
     def evaluate(self, mask_dirs: Dict[str, Path], eval_set: SegmentationDataset) -> None:
         if not eval_set.has_masks:
@@ -237,6 +279,10 @@ class RecipeRun:
                 self.metrics[name] = summary
                 log.info("%s: dice %.4f iou %.4f", name, summary["dice"], summary["iou"])
         write_per_image_csv(self.out_dir / "per_image.csv", all_rows)
+        with self.timer("report"):
+            from wsseg.report_grid import write_run_grids
+
+            write_run_grids(self.out_dir, eval_set, all_rows, [m for m in mask_dirs if (self.out_dir / "maps" / m).is_dir()])
 
     def export(self, producers: Dict[str, MapProducer]) -> None:
         from wsseg.deploy.onnx_export import export_run_models

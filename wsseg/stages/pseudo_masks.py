@@ -1,15 +1,19 @@
-"""Stage 3: maps -> binary pseudo-masks at each image's own size; blind references alike."""
+"""Stage 3: maps -> binary pseudo-masks at each image's own size; refined variants; blind references."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
 from wsseg.data.base import SegmentationDataset
 from wsseg.data.io import write_mask_png
+from wsseg.metrics import confusion, scores
 from wsseg.progress import ProgressFn, no_progress
+from wsseg.refine import needs_image, refine_map, threshold_and_clean
 from wsseg.stages.maps import load_map
 from wsseg.stages.references import REFERENCE_PRODUCERS
 
@@ -25,15 +29,61 @@ def map_to_mask(activation: np.ndarray, height: int, width: int, threshold: floa
     return resize_map(activation, height, width) >= threshold
 
 
+@dataclass
+class MaskRule:
+    """How one producer's masks come from saved maps: source map, refinement steps, threshold rule."""
+
+    source: str
+    threshold: float = 0.58
+    threshold_mode: str = "fixed"
+    steps: Sequence = field(default_factory=list)
+
+    @property
+    def maps_needed(self) -> List[str]:
+        return [self.source] + [s.other for s in self.steps if getattr(s, "other", None)]
+
+    def activation(self, dataset: SegmentationDataset, index: int, map_dirs: Dict[str, Path]) -> np.ndarray:
+        """The refined map at the image's size, before thresholding."""
+        stem = dataset.records[index].stem
+        height, width = dataset.image_size(index)
+        maps = {name: resize_map(load_map(Path(map_dirs[name]) / f"{stem}.npy"), height, width)
+                for name in self.maps_needed}
+        image = dataset.load_image(index) if needs_image(self.steps) else None
+        return refine_map(maps[self.source], image, self.steps, maps)
+
+    def mask(self, activation: np.ndarray, threshold: Optional[float] = None) -> np.ndarray:
+        return threshold_and_clean(activation, self.steps, self.threshold if threshold is None else threshold,
+                                   self.threshold_mode)
+
+
+def write_rule_masks(rule: MaskRule, dataset: SegmentationDataset, map_dirs: Dict[str, Path], out_dir: Path,
+                     progress: ProgressFn = no_progress, description: str = "masks") -> Path:
+    """Apply `rule` to every image and write `out_dir/<stem>.png` (0/255, image-sized)."""
+    out_dir = Path(out_dir)
+    for i in progress(range(len(dataset)), total=len(dataset), description=description):
+        write_mask_png(out_dir / f"{dataset.records[i].stem}.png", rule.mask(rule.activation(dataset, i, map_dirs)))
+    return out_dir
+
+
 def make_pseudo_masks(map_dir: Path, dataset: SegmentationDataset, out_dir: Path, threshold: float = 0.58,
                       progress: ProgressFn = no_progress) -> Path:
-    """Threshold every map of `map_dir` into `out_dir/<stem>.png` (0/255, image-sized)."""
-    map_dir, out_dir = Path(map_dir), Path(out_dir)
-    for i in progress(range(len(dataset)), total=len(dataset), description=f"masks {map_dir.name}"):
-        stem = dataset.records[i].stem
-        height, width = dataset.image_size(i)
-        write_mask_png(out_dir / f"{stem}.png", map_to_mask(load_map(map_dir / f"{stem}.npy"), height, width, threshold))
-    return out_dir
+    """Plain pseudo-masks: one method's maps thresholded at a fixed value."""
+    name = Path(map_dir).name
+    return write_rule_masks(MaskRule(name, threshold), dataset, {name: map_dir}, out_dir, progress, f"masks {name}")
+
+
+def calibrate_threshold(rule: MaskRule, dataset: SegmentationDataset, map_dirs: Dict[str, Path],
+                        grid: Sequence[float]) -> Tuple[float, Dict[float, float]]:
+    """The grid threshold with the best mean Dice on `dataset` (a few labelled images, not the test set)."""
+    activations = [rule.activation(dataset, i, map_dirs) for i in range(len(dataset))]
+    truths = [dataset.load_mask(i) for i in range(len(dataset))]
+    fixed = MaskRule(rule.source, rule.threshold, "fixed", rule.steps)
+    curve = {}
+    for t in grid:
+        dices = [scores(confusion(fixed.mask(a, t), m))["dice"] for a, m in zip(activations, truths)]
+        curve[float(t)] = float(np.mean(dices))
+    best = max(curve, key=curve.get)
+    return best, curve
 
 
 def make_reference_masks(name: str, dataset: SegmentationDataset, out_dir: Path,

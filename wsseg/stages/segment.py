@@ -20,8 +20,7 @@ from wsseg.device import autocast, batch_to, seed_everything
 from wsseg.models.segmenter import SegmenterMeta, build_unet, encoder_normalisation, load_segmenter, save_segmenter
 from wsseg.progress import ProgressFn, no_progress
 from wsseg.stages.common import cosine_lambda, make_loader, param_groups, write_json
-from wsseg.stages.maps import load_map
-from wsseg.stages.pseudo_masks import resize_map
+from wsseg.stages.pseudo_masks import MaskRule
 
 log = logging.getLogger("wsseg")
 IGNORE = 255
@@ -33,26 +32,39 @@ class SegmentResult:
     metrics: Dict[str, float]
 
 
-def pseudo_mask_source(dataset: SegmentationDataset, map_dir: Optional[Path], threshold: float,
+def pseudo_mask_source(dataset: SegmentationDataset, rule: Optional[MaskRule] = None,
+                       map_dirs: Optional[Dict[str, Path]] = None,
                        ignore_band: Optional[List[float]] = None) -> Callable[[int], np.ndarray]:
-    """index -> uint8 mask (0/1, 255 = ignored) from saved maps, or the real masks when `map_dir` is None.
-
-    Images whose image-level label is negative get an empty mask whatever their map shows.
+    """index -> uint8 mask (0/1, 255 = ignored) from saved maps through `rule`, or the real masks when
+    `rule` is None. Images whose image-level label is negative get an empty mask whatever their map shows.
     """
     def from_ground_truth(index: int) -> np.ndarray:
         return dataset.load_mask(index).astype(np.uint8)
 
     def from_map(index: int) -> np.ndarray:
-        height, width = dataset.image_size(index)
         if dataset.records[index].label != dataset.positive_index:
-            return np.zeros((height, width), np.uint8)  # the image label says: nothing to find here
-        activation = resize_map(load_map(Path(map_dir) / f"{dataset.records[index].stem}.npy"), height, width)
-        mask = (activation >= threshold).astype(np.uint8)
+            return np.zeros(dataset.image_size(index), np.uint8)  # the image label says: nothing to find here
+        activation = rule.activation(dataset, index, map_dirs)
+        mask = rule.mask(activation).astype(np.uint8)
         if ignore_band is not None:
             mask[(activation >= ignore_band[0]) & (activation < ignore_band[1])] = IGNORE
         return mask
 
-    return from_ground_truth if map_dir is None else from_map
+    return from_ground_truth if rule is None else from_map
+
+
+def confident_mask_source(dataset: SegmentationDataset, probabilities: List[np.ndarray],
+                          band: List[float]) -> Callable[[int], np.ndarray]:
+    """Self-training labels: the U-Net's confident pixels; those inside `band` are ignored."""
+    def source(index: int) -> np.ndarray:
+        if dataset.records[index].label != dataset.positive_index:
+            return np.zeros(dataset.image_size(index), np.uint8)
+        prob = probabilities[index]
+        mask = (prob >= 0.5).astype(np.uint8)
+        mask[(prob > band[0]) & (prob < band[1])] = IGNORE
+        return mask
+
+    return source
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -68,7 +80,8 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: SegmentationDataset,
                     mask_source: Callable[[int], np.ndarray], out_dir: Path, device: torch.device, seed: int = 0,
-                    progress: ProgressFn = no_progress, val: Optional[SegmentationDataset] = None) -> SegmentResult:
+                    progress: ProgressFn = no_progress, val: Optional[SegmentationDataset] = None,
+                    name: str = "unet") -> SegmentResult:
     """Train the U-Net; keeps the best checkpoint by validation Dice when `val` has masks, else the last."""
     seed_everything(seed)
     encoder = config.encoder or f"tu-{backbone.name}"
@@ -83,12 +96,12 @@ def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: Se
                                                 (model.segmentation_head, config.lr)], config.weight_decay))
     steps = config.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(steps, warmup=min(50, steps // 10)))
-    checkpoint = Path(out_dir) / "unet.pth"
+    checkpoint = Path(out_dir) / f"{name}.pth"
     best, history = -1.0, []
     for epoch in range(config.epochs):
         model.train()
         total, count = 0.0, 0
-        for batch in progress(loader, total=len(loader), description=f"unet epoch {epoch + 1}/{config.epochs}"):
+        for batch in progress(loader, total=len(loader), description=f"{name} epoch {epoch + 1}/{config.epochs}"):
             batch = batch_to(batch, device)
             with autocast(device, config.amp):
                 logits = model(batch["image"])[:, 0]
@@ -105,13 +118,13 @@ def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: Se
         if val is not None and val.has_masks:
             record["val_dice"] = validation_dice(model, val, meta, device)
         history.append(record)
-        log.info("unet epoch %d/%d: %s", epoch + 1, config.epochs, record)
+        log.info("%s epoch %d/%d: %s", name, epoch + 1, config.epochs, record)
         score = record.get("val_dice", epoch)  # without validation masks, the last epoch wins
         if score >= best:
             best = score
             save_segmenter(checkpoint, model, meta, {"history": history})
     metrics = {"final_loss": history[-1]["loss"], "best_val_dice": best if val is not None else None}
-    write_json(Path(out_dir) / "unet_history.json", history)
+    write_json(Path(out_dir) / f"{name}_history.json", history)
     return SegmentResult(checkpoint, metrics)
 
 
@@ -123,8 +136,9 @@ def predict_probabilities(model: torch.nn.Module, images: torch.Tensor) -> torch
 @torch.no_grad()
 def predict_masks(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset, out_dir: Optional[Path],
                   device: torch.device, batch_size: int = 8, progress: ProgressFn = no_progress,
-                  keep: bool = False) -> List[np.ndarray]:
-    """Masks at each image's own size; written as `out_dir/<stem>.png` when `out_dir` is given."""
+                  keep: bool = False, keep_probabilities: bool = False) -> List[np.ndarray]:
+    """Masks at each image's own size; written as `out_dir/<stem>.png` when `out_dir` is given.
+    Returns the masks (`keep`) or the probability maps (`keep_probabilities`)."""
     model = model.to(device).eval()
     loader = make_loader(TorchDataset(dataset, eval_transform(meta.image_size, meta.mean, meta.std)), batch_size, False)
     kept = []
@@ -133,11 +147,12 @@ def predict_masks(model: torch.nn.Module, meta: SegmenterMeta, dataset: Segmenta
             probs = predict_probabilities(model, batch["image"].to(device)).float().cpu().numpy()
         for index, prob in zip(batch["index"].tolist(), probs):
             height, width = dataset.image_size(index)
-            mask = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR) >= meta.threshold
+            full = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
+            mask = full >= meta.threshold
             if out_dir is not None:
                 write_mask_png(Path(out_dir) / f"{dataset.records[index].stem}.png", mask)
-            if keep:
-                kept.append(mask)
+            if keep or keep_probabilities:
+                kept.append(full if keep_probabilities else mask)
     return kept
 
 

@@ -1,0 +1,92 @@
+"""Refinement steps, threshold rules, calibration and mask variants."""
+
+import numpy as np
+import pytest
+
+from wsseg.config import parse_recipe
+from wsseg.config_schema import DatasetConfig, RefineStepConfig
+from wsseg.data import create_dataset
+from wsseg.errors import ConfigError
+from wsseg.refine import (MAP_STEPS, MASK_STEPS, fill_holes, largest_component, list_refinements, otsu_threshold,
+                          refine_map, threshold_and_clean)
+from wsseg.stages.pseudo_masks import MaskRule, calibrate_threshold
+
+
+def _scene():
+    image = np.zeros((40, 40, 3), np.uint8)
+    image[10:30, 10:30] = 200  # a bright square on black
+    blurry = np.zeros((40, 40), np.float32)
+    blurry[5:35, 5:35] = 0.6
+    blurry[12:28, 12:28] = 1.0
+    return image, blurry
+
+
+@pytest.mark.parametrize("name", MAP_STEPS.names())
+def test_every_map_step_returns_a_normalised_map(name):
+    image, activation = _scene()
+    out = MAP_STEPS.get(name)(activation, image, other=np.ones_like(activation))
+    assert out.shape == activation.shape and out.min() >= 0 and out.max() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("name", MASK_STEPS.names())
+def test_every_mask_step_keeps_shape(name):
+    mask = np.zeros((20, 20), bool)
+    mask[2:8, 2:8] = True
+    assert MASK_STEPS.get(name)(mask).shape == mask.shape
+
+
+def test_guided_filter_snaps_to_image_edges():
+    image, activation = _scene()
+    refined = MAP_STEPS.get("guided_filter")(activation, image, radius=4, eps=1e-4)
+    truth = image[..., 0] > 0
+    before = np.abs((activation >= 0.5) ^ truth).sum()
+    after = np.abs((refined >= 0.5) ^ truth).sum()
+    assert after < before
+
+
+def test_largest_component_and_fill_holes():
+    mask = np.zeros((20, 20), bool)
+    mask[1:3, 1:3] = True
+    mask[8:18, 8:18] = True
+    mask[12:14, 12:14] = False  # a hole
+    big = largest_component(mask)
+    assert not big[1, 1] and big[9, 9]
+    assert fill_holes(big)[12, 12] and not big[12, 12]
+
+
+def test_otsu_and_gate_and_rule_order():
+    activation = np.concatenate([np.full((10, 10), 0.1), np.full((10, 10), 0.9)]).astype(np.float32)
+    assert 0.09 < otsu_threshold(activation) < 0.9
+    assert threshold_and_clean(activation, [], 0.0, "otsu").sum() == 100  # exactly the bright half
+    other = np.zeros_like(activation)
+    other[:10] = 1.0  # the other map only agrees on the top half
+    steps = [RefineStepConfig("gate", "gradcam")]
+    gated = refine_map(activation, None, steps, {"gradcam": other})
+    assert gated[:10].max() > gated[10:].max()
+    assert threshold_and_clean(activation, [], 0.5).sum() == 100
+
+
+def test_calibration_picks_the_threshold_that_fits(tmp_path):
+    dataset = create_dataset(DatasetConfig("synthetic", None, "val", options={"n": 4, "size": 32,
+                                                                              "negative_fraction": 0.0}))
+    ramp = np.tile(np.linspace(0, 0.6, 32, dtype=np.float32), (32, 1))
+    for i, record in enumerate(dataset.records):  # objects at 1.0 over a background ramp up to 0.6
+        mask = dataset.load_mask(i)
+        np.save(tmp_path / f"{record.stem}.npy", np.where(mask, 1.0, ramp).astype(np.float16))
+    threshold, curve = calibrate_threshold(MaskRule("m"), dataset, {"m": tmp_path}, [0.1, 0.5, 0.9])
+    assert threshold == 0.9 and curve[0.9] == pytest.approx(1.0) and curve[0.1] < curve[0.5] < 1.0
+
+
+def test_variant_validation_names_the_key():
+    base = {"maps": {"methods": ["gradcam"]}}
+    with pytest.raises(ConfigError) as err:
+        parse_recipe({**base, "pseudo_masks": {"variants": [
+            {"name": "v", "source": "ccam", "refine": [{"name": "blur"}, {"name": "guided_filter",
+                                                                          "options": {"radius": 3, "size": 2}}],
+             "threshold_mode": "calibrated"}]}})
+    text = str(err.value)
+    assert "pseudo_masks.variants.0.source: 'ccam'" in text
+    assert "pseudo_masks.variants.0.refine.0.name: unknown refinement 'blur'" in text
+    assert "pseudo_masks.variants.0.refine.1.options.size: unknown option" in text
+    assert "calibrated needs pseudo_masks.calibrate.dataset" in text
+    assert set(list_refinements()) >= {"guided_filter", "bilateral", "gate", "largest_component", "otsu"} - {"otsu"}
