@@ -17,6 +17,7 @@ from wsseg.deploy.bench import bench_inference, bench_maps, map_method_callables
 from wsseg.deploy.onnx_export import ProbabilityHead, export_segmenter, read_metadata
 from wsseg.deploy.quantize import quantize_int8
 from wsseg.models.segmenter import SegmenterMeta, build_unet, load_segmenter, save_segmenter
+from wsseg.stages.pseudo_masks import MaskRule
 from wsseg.stages.segment import IGNORE, predict_masks, pseudo_mask_source, segmentation_loss
 from wsseg_infer.runtime import InputError, Segmenter
 
@@ -112,7 +113,7 @@ def test_pseudo_mask_source_negatives_band_and_ground_truth(tmp_path):
     for i, record in enumerate(dataset.records):
         ramp = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (32, 1))
         np.save(tmp_path / f"{record.stem}.npy", ramp.astype(np.float16))
-    source = pseudo_mask_source(dataset, tmp_path, 0.5, [0.4, 0.6])
+    source = pseudo_mask_source(dataset, MaskRule("m", 0.5), {"m": tmp_path}, [0.4, 0.6])
     for i, record in enumerate(dataset.records):
         mask = source(i)
         if record.label == 0:
@@ -120,7 +121,7 @@ def test_pseudo_mask_source_negatives_band_and_ground_truth(tmp_path):
         else:
             assert set(np.unique(mask)) == {0, 1, IGNORE}
             assert mask[0, -1] == 1 and mask[0, 0] == 0 and mask[0, 16] == IGNORE
-    truth = pseudo_mask_source(dataset, None, 0.5)
+    truth = pseudo_mask_source(dataset, None)
     assert np.array_equal(truth(0), dataset.load_mask(0).astype(np.uint8))
 
 
