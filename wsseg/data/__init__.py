@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, List, Optional, Union
 
 from wsseg._registry import Registry
 from wsseg.config_schema import DatasetConfig
@@ -21,6 +22,7 @@ for _cls in (KvasirSeg, ClassFolders, OxfordPets, SyntheticScenes):
     DATASETS.register(_cls.name)(_cls)
 
 DATA_ROOT_ENV = "WSSEG_DATA"
+log = logging.getLogger("wsseg")
 
 
 def list_datasets():
@@ -33,8 +35,14 @@ def resolve_data_root(data_root: Optional[Union[str, Path]] = None) -> Path:
 
 
 def create_dataset(config: DatasetConfig, data_root: Optional[Union[str, Path]] = None,
-                   key: str = "dataset") -> SegmentationDataset:
-    """Build a registered dataset; a relative `root` is read below the data root."""
+                   key: str = "dataset", on_bad_image: str = "error",
+                   bad_images: Optional[Dict[str, List[str]]] = None) -> SegmentationDataset:
+    """Build a registered dataset; a relative `root` is read below the data root.
+
+    `on_bad_image="skip"` decodes every image (and mask) once up front and drops those that fail, each
+    with a warning; the reasons are collected in `bad_images[key]`. With "error" (default) the first bad
+    file stops the run with a message naming it.
+    """
     cls = DATASETS.get(config.name)
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "root", "split"}
     unknown = sorted(set(config.options) - accepted)
@@ -48,8 +56,34 @@ def create_dataset(config: DatasetConfig, data_root: Optional[Union[str, Path]] 
             root = resolve_data_root(data_root) / root
     elif config.name != "synthetic":
         raise ConfigError(f"{key}.root: dataset '{config.name}' needs a root folder")
-    dataset = cls(root, config.split, **config.options)
-    return dataset.subset(config.limit)
+    dataset = cls(root, config.split, **config.options).subset(config.limit)
+    if on_bad_image == "skip":
+        dataset = drop_bad_images(dataset, key, bad_images)
+    elif on_bad_image != "error":
+        raise ConfigError(f"on_bad_image: must be error or skip, got '{on_bad_image}'")
+    return dataset
+
+
+def drop_bad_images(dataset: SegmentationDataset, key: str,
+                    bad_images: Optional[Dict[str, List[str]]] = None) -> SegmentationDataset:
+    """Keep the records whose image (and mask) decode and agree in size; warn about each dropped one."""
+    good, bad = [], []
+    for i, record in enumerate(dataset.records):
+        try:
+            dataset.load_image(i)
+            dataset.load_mask(i)
+            good.append(record)
+        except DataError as exc:
+            bad.append(str(exc))
+            log.warning("%s: skipping bad image: %s", key, exc)
+    if bad:
+        if bad_images is not None:
+            bad_images.setdefault(key, []).extend(bad)
+        log.warning("%s: skipped %d of %d images (on_bad_image: skip)", key, len(bad), len(dataset.records))
+        if not good:
+            raise DataError(f"{key}: every image is unreadable ({bad[0]})")
+        dataset.records = good
+    return dataset
 
 
 __all__ = ["DATASETS", "DataError", "Record", "SegmentationDataset", "create_dataset", "list_datasets",

@@ -23,6 +23,8 @@ def _open(path: Path) -> Image.Image:
         image.load()  # decode now, so a truncated file fails here and names itself
     except UnidentifiedImageError:
         raise DataError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: image too large to decode safely ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode image ({exc})") from None
     return image
@@ -62,9 +64,19 @@ def read_gray(path: Path) -> np.ndarray:
     return _to_uint8(array)
 
 
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
+
+
 def read_binary_mask(path: Path, threshold: int = 127) -> np.ndarray:
-    """Binary mask from a (possibly JPEG-compressed) mask image: pixel > threshold is foreground."""
-    return read_gray(path) > threshold
+    """Binary mask: pixel > threshold is foreground. JPEG masks (Kvasir-SEG) carry compression noise and
+    are binarised; a lossless mask with more than two values is an error, since guessing could be wrong."""
+    gray = read_gray(path)
+    if Path(path).suffix.lower() not in LOSSY_SUFFIXES:
+        values = np.unique(gray)
+        if len(values) > 2:
+            raise DataError(f"{path}: mask is not binary ({len(values)} distinct values, e.g. "
+                            f"{values[:5].tolist()}); expected two values such as 0/255")
+    return gray > threshold
 
 
 def image_size(path: Path) -> tuple:

@@ -64,8 +64,11 @@ class CCAM(nn.Module):
         """(foreground features, background features, raw map) for the contrastive losses."""
         return self.head(self.features(images))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Polarity-corrected map in [0, 1] at the input's size, shape (B, 1, H, W)."""
+    def forward(self, images: torch.Tensor, mode: str = "map"):
+        """`map`: polarity-corrected map in [0, 1] at the input's size, (B, 1, H, W).
+        `train`: what `forward_train` returns (through forward, so DistributedDataParallel syncs gradients)."""
+        if mode == "train":
+            return self.forward_train(images)
         _, _, activation = self.head(self.features(images))
         activation = self.flip * (1 - activation) + (1 - self.flip) * activation
         return F.interpolate(activation, size=images.shape[-2:], mode="bilinear", align_corners=False)

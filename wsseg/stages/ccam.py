@@ -20,7 +20,9 @@ from wsseg.errors import ConfigError
 from wsseg.models.ccam import CCAM, CCAMLoss
 from wsseg.models.classifier import normalisation
 from wsseg.progress import ProgressFn, no_progress
+from wsseg import distributed as dist
 from wsseg.stages.common import make_loader, param_groups, poly_lambda, write_json
+from wsseg.training import fit, state_file, training_loader
 
 log = logging.getLogger("wsseg")
 MIN_RECOMMENDED_BATCH = 16  # the contrastive losses compare every pair in a batch
@@ -96,7 +98,7 @@ def decide_polarity(model: CCAM, dataset: SegmentationDataset, mode: str, device
 
 def train_ccam(config: CCAMConfig, backbone: BackboneConfig, out_dir: Path, device: torch.device,
                data_root: Optional[Path] = None, seed: int = 0, classifier_checkpoint: Optional[Path] = None,
-               reference_maps=None, progress: ProgressFn = no_progress) -> CCAMResult:
+               reference_maps=None, progress: ProgressFn = no_progress, state_tag: str = "") -> CCAMResult:
     """Train one CCAM variant with the contrastive losses; returns its checkpoint and training metrics."""
     seed_everything(seed)
     if config.batch_size < MIN_RECOMMENDED_BATCH:
@@ -106,45 +108,42 @@ def train_ccam(config: CCAMConfig, backbone: BackboneConfig, out_dir: Path, devi
     dataset = concat_datasets(parts)
     model = build_ccam(config, backbone, classifier_checkpoint).to(device)
     mean, std = normalisation(model.backbone)
-    loader = make_loader(TorchDataset(dataset, train_transform(config.image_size, mean, std, config.vertical_flip)),
-                         config.batch_size, True, config.num_workers, seed, drop_last=True)
+    transform = train_transform(config.image_size, mean, std, config.vertical_flip)
+    loader = training_loader(TorchDataset(dataset, transform), config.batch_size, config.num_workers, seed)
     optimizer = torch.optim.SGD(param_groups([(model.backbone, config.lr),
                                               (model.head, config.lr * config.head_lr_scale)],
                                              config.weight_decay), momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(config.epochs * len(loader)))
     criterion = CCAMLoss(config.alpha)
-    history = []
-    for epoch in range(config.epochs):
+
+    def before_epoch(epoch):
+        transform.set_random_seed(seed * 1000 + epoch)
         frozen = epoch < config.freeze_backbone_epochs  # the paper's optional frozen-backbone phase
-        model.train()
         model.backbone.requires_grad_(not frozen)
         if frozen:
-            model.backbone.eval()
-        total, steps = 0.0, 0
-        for batch in progress(loader, total=len(loader), description=f"{config.name} epoch {epoch + 1}/{config.epochs}"):
-            images = batch_to(batch, device)["image"]
-            with autocast(device, config.amp):
-                fg, bg, _ = model.forward_train(images)
-            loss, terms = criterion(fg.float(), bg.float())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"ccam '{config.name}': loss became {loss.item()} at epoch {epoch + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item()
-            steps += 1
-        history.append(total / max(1, steps))
-        log.info("%s epoch %d/%d: loss %.4f%s", config.name, epoch + 1, config.epochs, history[-1],
-                 " (backbone frozen)" if frozen else "")
+            log.info("%s epoch %d: backbone frozen", config.name, epoch + 1)
+
+    def step(net, batch):
+        images = batch_to(batch, device)["image"]
+        if not next(model.backbone.parameters()).requires_grad:
+            model.backbone.eval()  # frozen phase: batch-norm statistics stay as initialised
+        with autocast(device, config.amp):
+            fg, bg, _ = net(images, mode="train")
+        loss, _terms = criterion(fg.float(), bg.float())
+        return loss
+
+    history = [h["loss"] for h in fit(config.name, model, loader, step, optimizer, scheduler, config.epochs,
+                                      state_file(out_dir, config.name, state_tag), device, progress, before_epoch)]
     model.backbone.requires_grad_(True)
     model.eval()
     polarity = decide_polarity(model, dataset, config.polarity, device, config.image_size, mean, std, reference_maps)
     log.info("%s polarity: %s", config.name, polarity)
     checkpoint = Path(out_dir) / f"{config.name}.pth"
-    save_ccam(checkpoint, model, config, mean, std)
     metrics = {"final_loss": history[-1] if history else float("nan"), **polarity}
-    write_json(Path(out_dir) / f"{config.name}_metrics.json", metrics)
+    if dist.is_main():
+        save_ccam(checkpoint, model, config, mean, std)
+        write_json(Path(out_dir) / f"{config.name}_metrics.json", metrics)
+    dist.barrier()
     return CCAMResult(checkpoint, metrics)
 
 

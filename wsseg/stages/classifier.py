@@ -20,9 +20,36 @@ from wsseg.errors import DataError
 from wsseg.metrics import roc_auc
 from wsseg.models.classifier import ClassifierMeta, build_classifier, load_classifier, normalisation, save_classifier
 from wsseg.progress import ProgressFn, no_progress
+from wsseg import distributed as dist
 from wsseg.stages.common import cosine_lambda, make_loader, param_groups, write_json
+from wsseg.training import fit, state_file, training_loader
 
 log = logging.getLogger("wsseg")
+
+
+class AlternatingLoader:
+    """Epoch e draws from loader e mod n; `len` and `sampler` follow the current one."""
+
+    def __init__(self, loaders):
+        self.loaders, self.epoch = loaders, 0
+
+    @property
+    def current(self):
+        return self.loaders[self.epoch % len(self.loaders)]
+
+    @property
+    def sampler(self):
+        return self.current.sampler
+
+    @property
+    def generator(self):
+        return self.current.generator
+
+    def __len__(self):
+        return len(self.current)
+
+    def __iter__(self):
+        return iter(self.current)
 
 
 @dataclass
@@ -61,7 +88,7 @@ def evaluate_classifier(probs: np.ndarray, labels: np.ndarray, positive_index: i
 
 def train_classifier(config: ClassifierConfig, backbone: BackboneConfig, out_dir: Path, device: torch.device,
                      data_root: Optional[Path] = None, seed: int = 0,
-                     progress: ProgressFn = no_progress) -> ClassifierResult:
+                     progress: ProgressFn = no_progress, state_tag: str = "") -> ClassifierResult:
     """Train on `config.train` (several datasets alternate epoch by epoch), keep the last checkpoint.
 
     Returns the checkpoint path and held-out metrics (accuracy, ROC AUC) when `config.val` is set.
@@ -80,42 +107,42 @@ def train_classifier(config: ClassifierConfig, backbone: BackboneConfig, out_dir
     mean, std = normalisation(model)
     meta = ClassifierMeta(backbone.name, list(classes), train_sets[0].positive_index, config.image_size, mean, std)
     transform = train_transform(config.image_size, mean, std, config.vertical_flip)
-    loaders = [make_loader(TorchDataset(d, transform), config.batch_size, True, config.num_workers, seed + i, True)
+    loaders = [training_loader(TorchDataset(d, transform), config.batch_size, config.num_workers, seed + i)
                for i, d in enumerate(train_sets)]
+    # Several datasets alternate epoch by epoch (the paper's schedule for pets and polyps).
+    loader = loaders[0] if len(loaders) == 1 else AlternatingLoader(loaders)
     steps = sum(len(loaders[e % len(loaders)]) for e in range(config.epochs))
     optimizer = torch.optim.AdamW(param_groups([(model, config.lr)], config.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(steps, warmup=min(50, steps // 10)))
     class_weights = _class_weights(train_sets, len(classes)).to(device)
-    history = []
-    for epoch in range(config.epochs):
-        model.train()
-        loader = loaders[epoch % len(loaders)]
-        total, seen = 0.0, 0
-        for batch in progress(loader, total=len(loader), description=f"classifier epoch {epoch + 1}/{config.epochs}"):
-            batch = batch_to(batch, device)
-            with autocast(device, config.amp):
-                logits = model(batch["image"])
-            loss = F.cross_entropy(logits.float(), batch["label"], weight=class_weights)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"classifier: loss became {loss.item()} at epoch {epoch + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(batch["label"])
-            seen += len(batch["label"])
-        history.append(total / max(1, seen))
-        log.info("classifier epoch %d/%d: loss %.4f", epoch + 1, config.epochs, history[-1])
+
+    def step(net, batch):
+        batch = batch_to(batch, device)
+        with autocast(device, config.amp):
+            logits = net(batch["image"])
+        return F.cross_entropy(logits.float(), batch["label"], weight=class_weights)
+
+    def before_epoch(epoch):
+        transform.set_random_seed(seed * 1000 + epoch)
+        if isinstance(loader, AlternatingLoader):
+            loader.epoch = epoch
+
+    history = fit("classifier", model, loader, step, optimizer, scheduler, config.epochs,
+                  state_file(out_dir, "classifier", state_tag), device, progress, before_epoch)
+    history = [h["loss"] for h in history]
     checkpoint = out_dir / "classifier.pth"
-    save_classifier(checkpoint, model, meta, {"loss_history": history})
+    if dist.is_main():
+        save_classifier(checkpoint, model, meta, {"loss_history": history})
     metrics: Dict[str, float] = {"final_loss": history[-1] if history else float("nan")}
-    if config.val is not None:
+    if config.val is not None and dist.is_main():
         val = create_dataset(config.val, data_root, key="classifier.val")
         probs = predict_probabilities(model, val, meta, device, config.batch_size, progress, config.num_workers)
         metrics.update(evaluate_classifier(probs, val.labels, meta.positive_index))
         log.info("classifier on %s: accuracy %.4f, ROC AUC %.4f", val.describe(), metrics["accuracy"],
                  metrics.get("roc_auc", float("nan")))
-    write_json(out_dir / "classifier_metrics.json", metrics)
+    if dist.is_main():
+        write_json(out_dir / "classifier_metrics.json", metrics)
+    dist.barrier()
     return ClassifierResult(checkpoint, metrics)
 
 

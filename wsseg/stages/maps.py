@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 
 from wsseg.cams import MapMethod
 from wsseg.data.base import SegmentationDataset
@@ -46,11 +47,14 @@ def choose_targets(mode: str, dataset: SegmentationDataset, positive_index: int,
 def write_maps(method: MapMethod, dataset: SegmentationDataset, out_dir: Path, image_size: int,
                mean: Sequence[float], std: Sequence[float], targets: np.ndarray, device: torch.device,
                batch_size: int = 16, num_workers: int = 0, progress: ProgressFn = no_progress,
-               description: str = "maps") -> Path:
-    """Run `method` over `dataset` in batches and save `out_dir/<stem>.npy` (float16, image_size^2)."""
+               description: str = "maps", indices: Optional[Sequence[int]] = None) -> Path:
+    """Run `method` over `dataset` (or its `indices`, e.g. this rank's shard) in batches and save
+    `out_dir/<stem>.npy` (float16, image_size^2)."""
     out_dir = Path(out_dir)
-    loader = make_loader(TorchDataset(dataset, eval_transform(image_size, mean, std)), batch_size, False,
-                         num_workers)
+    images = TorchDataset(dataset, eval_transform(image_size, mean, std))
+    if indices is not None:
+        images = Subset(images, list(indices))
+    loader = make_loader(images, batch_size, False, num_workers)
     for batch in progress(loader, total=len(loader), description=description):
         indices = batch["index"].tolist()
         maps = method.compute(batch["image"].to(device), [int(targets[i]) for i in indices])

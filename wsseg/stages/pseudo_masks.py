@@ -57,10 +57,12 @@ class MaskRule:
 
 
 def write_rule_masks(rule: MaskRule, dataset: SegmentationDataset, map_dirs: Dict[str, Path], out_dir: Path,
-                     progress: ProgressFn = no_progress, description: str = "masks") -> Path:
-    """Apply `rule` to every image and write `out_dir/<stem>.png` (0/255, image-sized)."""
+                     progress: ProgressFn = no_progress, description: str = "masks",
+                     indices: Optional[Sequence[int]] = None) -> Path:
+    """Apply `rule` to every image (or `indices`) and write `out_dir/<stem>.png` (0/255, image-sized)."""
     out_dir = Path(out_dir)
-    for i in progress(range(len(dataset)), total=len(dataset), description=description):
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    for i in progress(indices, total=len(indices), description=description):
         write_mask_png(out_dir / f"{dataset.records[i].stem}.png", rule.mask(rule.activation(dataset, i, map_dirs)))
     return out_dir
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 
 from wsseg.config_schema import BackboneConfig, SegmentConfig
 from wsseg.data.base import SegmentationDataset
@@ -19,7 +20,9 @@ from wsseg.data.transforms import TorchDataset, eval_transform, train_transform
 from wsseg.device import autocast, batch_to, seed_everything
 from wsseg.models.segmenter import SegmenterMeta, build_unet, encoder_normalisation, load_segmenter, save_segmenter
 from wsseg.progress import ProgressFn, no_progress
+from wsseg import distributed as dist
 from wsseg.stages.common import cosine_lambda, make_loader, param_groups, write_json
+from wsseg.training import fit, state_file, training_loader
 from wsseg.stages.pseudo_masks import MaskRule
 
 log = logging.getLogger("wsseg")
@@ -53,13 +56,15 @@ def pseudo_mask_source(dataset: SegmentationDataset, rule: Optional[MaskRule] = 
     return from_ground_truth if rule is None else from_map
 
 
-def confident_mask_source(dataset: SegmentationDataset, probabilities: List[np.ndarray],
+def confident_mask_source(dataset: SegmentationDataset, prob_dir: Path,
                           band: List[float]) -> Callable[[int], np.ndarray]:
-    """Self-training labels: the U-Net's confident pixels; those inside `band` are ignored."""
+    """Self-training labels from saved U-Net probabilities: confident pixels; those inside `band` are ignored."""
     def source(index: int) -> np.ndarray:
+        height, width = dataset.image_size(index)
         if dataset.records[index].label != dataset.positive_index:
-            return np.zeros(dataset.image_size(index), np.uint8)
-        prob = probabilities[index]
+            return np.zeros((height, width), np.uint8)
+        saved = np.load(Path(prob_dir) / f"{dataset.records[index].stem}.npy").astype(np.float32)
+        prob = cv2.resize(saved, (width, height), interpolation=cv2.INTER_LINEAR)
         mask = (prob >= 0.5).astype(np.uint8)
         mask[(prob > band[0]) & (prob < band[1])] = IGNORE
         return mask
@@ -81,7 +86,7 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: SegmentationDataset,
                     mask_source: Callable[[int], np.ndarray], out_dir: Path, device: torch.device, seed: int = 0,
                     progress: ProgressFn = no_progress, val: Optional[SegmentationDataset] = None,
-                    name: str = "unet") -> SegmentResult:
+                    name: str = "unet", state_tag: str = "") -> SegmentResult:
     """Train the U-Net; keeps the best checkpoint by validation Dice when `val` has masks, else the last."""
     seed_everything(seed)
     encoder = config.encoder or f"tu-{backbone.name}"
@@ -89,42 +94,38 @@ def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: Se
     model = build_unet(encoder, weights).to(device)
     mean, std = encoder_normalisation(encoder)
     meta = SegmenterMeta(encoder, config.image_size, mean, std, config.threshold, trained_on=config.masks)
-    loader = make_loader(TorchDataset(dataset, train_transform(config.image_size, mean, std, config.vertical_flip),
-                                      with_masks=True, masks=mask_source),
-                         config.batch_size, True, config.num_workers, seed, drop_last=True)
-    optimizer = torch.optim.AdamW(param_groups([(model.encoder, config.lr), (model.decoder, config.lr),
-                                                (model.segmentation_head, config.lr)], config.weight_decay))
+    transform = train_transform(config.image_size, mean, std, config.vertical_flip)
+    loader = training_loader(TorchDataset(dataset, transform, with_masks=True, masks=mask_source),
+                             config.batch_size, config.num_workers, seed)
+    optimizer = torch.optim.AdamW(param_groups([(model, config.lr)], config.weight_decay))
     steps = config.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(steps, warmup=min(50, steps // 10)))
     checkpoint = Path(out_dir) / f"{name}.pth"
-    best, history = -1.0, []
-    for epoch in range(config.epochs):
-        model.train()
-        total, count = 0.0, 0
-        for batch in progress(loader, total=len(loader), description=f"{name} epoch {epoch + 1}/{config.epochs}"):
-            batch = batch_to(batch, device)
-            with autocast(device, config.amp):
-                logits = model(batch["image"])[:, 0]
-            loss = segmentation_loss(logits.float(), batch["mask"])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"unet: loss became {loss.item()} at epoch {epoch + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item()
-            count += 1
-        record = {"epoch": epoch + 1, "loss": total / max(1, count)}
+    best = {"score": -1.0}
+
+    def step(net, batch):
+        batch = batch_to(batch, device)
+        with autocast(device, config.amp):
+            logits = net(batch["image"])[:, 0]
+        return segmentation_loss(logits.float(), batch["mask"])
+
+    def after_epoch(epoch, record):
         if val is not None and val.has_masks:
             record["val_dice"] = validation_dice(model, val, meta, device)
-        history.append(record)
-        log.info("%s epoch %d/%d: %s", name, epoch + 1, config.epochs, record)
         score = record.get("val_dice", epoch)  # without validation masks, the last epoch wins
-        if score >= best:
-            best = score
-            save_segmenter(checkpoint, model, meta, {"history": history})
-    metrics = {"final_loss": history[-1]["loss"], "best_val_dice": best if val is not None else None}
-    write_json(Path(out_dir) / f"{name}_history.json", history)
+        if score >= best["score"] and dist.is_main():
+            best["score"] = score
+            save_segmenter(checkpoint, model, meta, {"epoch": epoch + 1})
+
+    history = fit(name, model, loader, step, optimizer, scheduler, config.epochs, state_file(out_dir, name, state_tag),
+                  device, progress, lambda epoch: transform.set_random_seed(seed * 1000 + epoch), after_epoch)
+    if not checkpoint.is_file() and dist.is_main():  # resumed after the last epoch: nothing left to train
+        save_segmenter(checkpoint, model, meta, {"epoch": config.epochs})
+    dist.barrier()
+    metrics = {"final_loss": history[-1]["loss"] if history else float("nan"),
+               "best_val_dice": best["score"] if val is not None else None}
+    if dist.is_main():
+        write_json(Path(out_dir) / f"{name}_history.json", history)
     return SegmentResult(checkpoint, metrics)
 
 
@@ -133,27 +134,47 @@ def predict_probabilities(model: torch.nn.Module, images: torch.Tensor) -> torch
     return torch.sigmoid(model(images)[:, 0])
 
 
-@torch.no_grad()
+def _probability_batches(model, meta: SegmenterMeta, dataset: SegmentationDataset, device, batch_size: int,
+                         progress: ProgressFn, indices: Optional[Sequence[int]], description: str):
+    """(dataset index, probability map at the model's input size) for each image, in batches."""
+    model = model.to(device).eval()
+    images = TorchDataset(dataset, eval_transform(meta.image_size, meta.mean, meta.std))
+    if indices is not None:
+        images = Subset(images, list(indices))
+    loader = make_loader(images, batch_size, False)
+    for batch in progress(loader, total=len(loader), description=description):
+        with torch.no_grad(), autocast(device):
+            probs = predict_probabilities(model, batch["image"].to(device)).float().cpu().numpy()
+        yield from zip(batch["index"].tolist(), probs)
+
+
 def predict_masks(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset, out_dir: Optional[Path],
                   device: torch.device, batch_size: int = 8, progress: ProgressFn = no_progress,
-                  keep: bool = False, keep_probabilities: bool = False) -> List[np.ndarray]:
-    """Masks at each image's own size; written as `out_dir/<stem>.png` when `out_dir` is given.
-    Returns the masks (`keep`) or the probability maps (`keep_probabilities`)."""
-    model = model.to(device).eval()
-    loader = make_loader(TorchDataset(dataset, eval_transform(meta.image_size, meta.mean, meta.std)), batch_size, False)
+                  keep: bool = False, indices: Optional[Sequence[int]] = None) -> List[np.ndarray]:
+    """Masks at each image's own size; written as `out_dir/<stem>.png` when `out_dir` is given
+    (for `indices` only, e.g. this rank's shard). Returns the masks when `keep`."""
     kept = []
-    for batch in progress(loader, total=len(loader), description="unet predict"):
-        with autocast(device):
-            probs = predict_probabilities(model, batch["image"].to(device)).float().cpu().numpy()
-        for index, prob in zip(batch["index"].tolist(), probs):
-            height, width = dataset.image_size(index)
-            full = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
-            mask = full >= meta.threshold
-            if out_dir is not None:
-                write_mask_png(Path(out_dir) / f"{dataset.records[index].stem}.png", mask)
-            if keep or keep_probabilities:
-                kept.append(full if keep_probabilities else mask)
+    for index, prob in _probability_batches(model, meta, dataset, device, batch_size, progress, indices,
+                                            "unet predict"):
+        height, width = dataset.image_size(index)
+        mask = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR) >= meta.threshold
+        if out_dir is not None:
+            write_mask_png(Path(out_dir) / f"{dataset.records[index].stem}.png", mask)
+        if keep:
+            kept.append(mask)
     return kept
+
+
+def write_probabilities(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset, out_dir: Path,
+                        device: torch.device, batch_size: int = 8, progress: ProgressFn = no_progress,
+                        indices: Optional[Sequence[int]] = None) -> Path:
+    """U-Net probabilities at the model's input size as `out_dir/<stem>.npy` (float16), for self-training."""
+    from wsseg.stages.maps import save_map
+
+    for index, prob in _probability_batches(model, meta, dataset, device, batch_size, progress, indices,
+                                            "unet relabel"):
+        save_map(Path(out_dir) / f"{dataset.records[index].stem}.npy", prob)
+    return Path(out_dir)
 
 
 def validation_dice(model, dataset: SegmentationDataset, meta: SegmenterMeta, device) -> float:
