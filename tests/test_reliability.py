@@ -1,0 +1,307 @@
+"""Scale and reliability: two-process runs, kill-and-resume, bad input, NaN losses, unwritable outputs."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_MODEL, tiny_demo_overrides
+from wsseg.cli.main import main
+from wsseg.config_schema import BackboneConfig, ClassifierConfig, DatasetConfig
+from wsseg.data import create_dataset
+from wsseg.errors import DataError, WssegError
+from wsseg.runner import prepare_run_dir
+from wsseg.training import NonFiniteLoss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _wsseg(*args, env=None):
+    return [sys.executable, "-m", "wsseg", *args]
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def _ddp_worker(rank, world, port, out, task):
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    from wsseg import distributed as dist
+
+    dist.init_from_env()
+    try:
+        task(Path(out))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _train_task(out: Path):
+    from wsseg.stages.classifier import train_classifier
+
+    config = ClassifierConfig(train=[DatasetConfig("synthetic", None, "train", options={"n": 32, "size": 32})],
+                              image_size=32, epochs=2, batch_size=8, lr=1e-3, amp=False)
+    result = train_classifier(config, BackboneConfig(TINY_MODEL, "none"), out, torch.device("cpu"), seed=0)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (out / "loss.json").write_text(json.dumps(result.metrics["final_loss"]))
+
+
+def _maps_task(out: Path):
+    from wsseg import distributed as dist
+    from wsseg.cams import create_map_method
+    from wsseg.models.classifier import build_classifier
+    from wsseg.stages.maps import write_maps
+
+    torch.manual_seed(0)
+    model = build_classifier(TINY_MODEL, "none", 2).eval()
+    dataset = create_dataset(DatasetConfig("synthetic", None, "val", options={"n": 7, "size": 32}))
+    with create_map_method("gradcam", model=model) as method:
+        write_maps(method, dataset, out / "maps", 32, (0.5,) * 3, (0.5,) * 3, np.ones(7, int), "cpu", batch_size=2,
+                   indices=dist.shard(range(len(dataset))))
+
+
+def _spawn(task, out, world=2):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(world, port, str(out), task), nprocs=world, join=True)
+
+
+def test_two_gloo_processes_shard_maps_exactly_like_one(tmp_path):
+    _spawn(_maps_task, tmp_path / "two")
+    (tmp_path / "one").mkdir()
+    _maps_task(tmp_path / "one")
+    one = sorted(p.name for p in (tmp_path / "one" / "maps").glob("*.npy"))
+    two = sorted(p.name for p in (tmp_path / "two" / "maps").glob("*.npy"))
+    assert one == two and len(one) == 7
+    for name in one:
+        np.testing.assert_allclose(np.load(tmp_path / "one" / "maps" / name),
+                                   np.load(tmp_path / "two" / "maps" / name), atol=1e-3)
+
+
+def test_two_gloo_processes_train_like_one(tmp_path):
+    (tmp_path / "one").mkdir()
+    torch.manual_seed(0)
+    _train_task(tmp_path / "one")
+    _spawn(_train_task, tmp_path / "two")
+    single = json.loads((tmp_path / "one" / "loss.json").read_text())
+    double = json.loads((tmp_path / "two" / "loss.json").read_text())
+    assert np.isfinite(double) and abs(single - double) < 0.25 * max(single, 0.1), (single, double)
+    assert (tmp_path / "two" / "classifier.pth").is_file()
+
+
+# ----------------------------------------------------------------------------- resume
+
+def _resume_overrides():
+    """Small, but with a classifier long enough to be killed in the middle of it."""
+    return [o for o in tiny_demo_overrides(("gradcam",)) if not o.startswith("classifier.epochs")] + [
+        "classifier.epochs=8", "classifier.train.0.options.n=96", "seed=3", "segment.masks=gradcam",
+        "pseudo_masks.variants=[]", "export=null"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_wsseg("recipe", "run", "demo", "--out", str(reference), *_resume_overrides()), check=True,
+                   env=env, capture_output=True, cwd=ROOT)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_wsseg("recipe", "run", "demo", "--out", str(killed), *_resume_overrides()), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 120
+    states = []
+    while time.time() < deadline and proc.poll() is None:
+        states = list((killed / "checkpoints").glob("classifier.*.state.pth"))
+        if states and torch.load(states[0], weights_only=False)["epoch"] >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists()
+    epoch_at_kill = torch.load(states[0], weights_only=False)["epoch"]
+    assert 2 <= epoch_at_kill < 8
+    result = subprocess.run(_wsseg("-v", "recipe", "run", "--resume", str(killed)), env=env, capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming after epoch" in (killed / "run.log").read_text()
+    a = json.loads((reference / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    assert b["classifier"]["final_loss"] == pytest.approx(a["classifier"]["final_loss"], rel=1e-3, abs=1e-4)
+    for producer in ("gradcam", "unet"):
+        assert b[producer]["dice"] == pytest.approx(a[producer]["dice"], abs=0.02), producer
+
+
+def test_resume_skips_finished_stages(tmp_path, capsys):
+    out = tmp_path / "run"
+    overrides = tiny_demo_overrides(("gradcam",)) + ["segment.masks=gradcam", "export.enabled=false",
+                                                     "pseudo_masks.variants=[]"]
+    assert main(["recipe", "run", "demo", "--out", str(out), *overrides]) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    assert main(["recipe", "run", "--resume", str(out)]) == 0
+    second = json.loads((out / "metrics.json").read_text())
+    assert {"classifier", "maps_gradcam", "unet"} <= set(second["resumed_skipped_stages"])
+    assert second["gradcam"]["dice"] == first["gradcam"]["dice"]
+    # A changed stage config runs that stage again.
+    assert main(["recipe", "run", "--resume", str(out), "segment.epochs=2"]) == 0
+    third = json.loads((out / "metrics.json").read_text())
+    assert "unet" not in third["resumed_skipped_stages"] and "classifier" in third["resumed_skipped_stages"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _write_bad_files(folder: Path) -> dict:
+    """One file per kind of damage; returns {file name: whether it should still load}."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    good = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(good).save(folder / "good.jpg")
+    Image.fromarray(good).save(folder / "truncated.jpg")
+    (folder / "truncated.jpg").write_bytes((folder / "truncated.jpg").read_bytes()[:200])
+    Image.fromarray(good).save(folder / "corrupt.png")
+    data = bytearray((folder / "corrupt.png").read_bytes())
+    data[60:120] = b"\x00" * 60
+    (folder / "corrupt.png").write_bytes(bytes(data))
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not an image")
+    Image.fromarray(good[..., 0]).save(folder / "gray.png")
+    Image.fromarray(np.dstack([good, np.full((40, 40), 255, np.uint8)])).save(folder / "rgba.png")
+    Image.fromarray((good[..., 0].astype(np.uint16) * 257)).save(folder / "sixteen.png")
+    Image.fromarray(good).convert("P").save(folder / "palette.png")
+    Image.fromarray(good[:8, :8]).save(folder / "tiny.png")
+    Image.fromarray(rng.integers(0, 255, (3000, 4000, 3), dtype=np.uint8)).save(folder / "huge.jpg", quality=50)
+    return {"good.jpg": True, "truncated.jpg": False, "corrupt.png": False, "zero.jpg": False, "text.jpg": False,
+            "gray.png": True, "rgba.png": True, "sixteen.png": True, "palette.png": True, "tiny.png": True,
+            "huge.jpg": True}
+
+
+def test_bad_images_error_names_the_file_or_skip_counts_them(tmp_path):
+    expected = _write_bad_files(tmp_path / "data" / "Train" / "pos")
+    _write_bad_files(tmp_path / "data" / "Train" / "neg")
+    config = DatasetConfig("class_folders", str(tmp_path / "data"), "Train", options={"positive": "pos"})
+    strict = create_dataset(config)
+    for i, record in enumerate(strict.records):
+        name = record.image_path.name
+        if expected[name]:
+            image = strict.load_image(i)
+            assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+        else:
+            with pytest.raises(DataError, match=name.replace(".", r"\.")):
+                strict.load_image(i)
+    bad = {}
+    lenient = create_dataset(config, on_bad_image="skip", bad_images=bad, key="classifier.train.0")
+    assert len(lenient) == 2 * sum(expected.values())
+    assert len(bad["classifier.train.0"]) == 2 * (len(expected) - sum(expected.values()))
+
+
+def test_skip_policy_reaches_metrics_json(tmp_path):
+    root = tmp_path / "kvasir-seg"
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "images" / f"k{i}.jpg")
+        mask = np.zeros((64, 64), np.uint8)
+        mask[10:40, 10:40] = 255
+        Image.fromarray(mask).save(root / "masks" / f"k{i}.png")
+    (root / "images" / "k3.jpg").write_bytes(b"\xff\xd8broken")
+    out = tmp_path / "run"
+    overrides = tiny_demo_overrides(("gradcam",)) + [
+        "segment=null", "export=null", "pseudo_masks.variants=[]", "maps.dataset.name=kvasir_seg",
+        f"maps.dataset.root={root}", "maps.dataset.split=null", "maps.dataset.options={}", "on_bad_image=skip"]
+    assert main(["recipe", "run", "demo", "--out", str(out), *overrides]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["gradcam"]["n_images"] == 3
+    assert len(metrics["skipped_images"]["maps.dataset"]) == 1 and "k3.jpg" in metrics["skipped_images"]["maps.dataset"][0]
+    assert "skipping bad image" in (out / "run.log").read_text()
+
+
+def test_masks_of_wrong_size_or_not_binary(tmp_path, kvasir_root):
+    Image.fromarray((np.arange(48 * 64) % 7 * 30).astype(np.uint8).reshape(48, 64)).save(
+        kvasir_root / "masks" / "img1.png")
+    (kvasir_root / "masks" / "img1.jpg").unlink()
+    ds = create_dataset(DatasetConfig("kvasir_seg", str(kvasir_root), "val"))
+    with pytest.raises(DataError, match=r"img1.png: mask is not binary \(7 distinct values"):
+        ds.load_mask(0)
+
+
+def test_empty_folder_and_missing_split_images(tmp_path):
+    (tmp_path / "empty" / "Train" / "pos").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images found"):
+        create_dataset(DatasetConfig("class_folders", str(tmp_path / "empty"), "Train", options={"positive": "pos"}))
+
+
+def test_recipe_with_wrong_type_and_unknown_key_fails_before_running(tmp_path, capsys):
+    assert main(["recipe", "run", "demo", "--out", str(tmp_path / "x"), "classifier.epochs=many", "maps.colour=1"]) == 2
+    err = capsys.readouterr().err
+    assert "classifier.epochs: expected int" in err and "maps.colour: unknown key" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    import wsseg.stages.classifier as classifier_stage
+
+    calls = {"n": 0}
+    real = classifier_stage.F.cross_entropy
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 4 else loss  # the first epoch (4 batches) is fine
+
+    monkeypatch.setattr(classifier_stage.F, "cross_entropy", poisoned)
+    config = ClassifierConfig(train=[DatasetConfig("synthetic", None, "train", options={"n": 32, "size": 32})],
+                              image_size=32, epochs=3, batch_size=8, amp=False)
+    with pytest.raises(NonFiniteLoss, match=r"loss became nan in epoch 2.*last good state is .*epoch 1"):
+        classifier_stage.train_classifier(config, BackboneConfig(TINY_MODEL, "none"), tmp_path, "cpu")
+    state = torch.load(tmp_path / "classifier.state.pth", weights_only=False)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_unwritable_or_full_output_folder_is_a_clear_error(tmp_path, monkeypatch):
+    target = tmp_path / "file-not-folder"
+    target.write_text("x")
+    with pytest.raises(WssegError, match="cannot write to run directory"):
+        prepare_run_dir(target / "run")
+    original = Path.write_text
+
+    def disk_full(self, *args, **kwargs):
+        if self.name == ".write-test":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(WssegError, match="No space left on device"):
+        prepare_run_dir(tmp_path / "run")
+
+    def read_only(self, *args, **kwargs):  # as root, chmod cannot make a folder read-only: simulate EROFS
+        if self.name == ".write-test":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.raises(WssegError, match=r"cannot write to run directory .*Read-only file system"):
+        prepare_run_dir(tmp_path / "run2")
+
+
+def test_atomic_mask_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    from wsseg.data.io import write_mask_png
+
+    def fail(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", fail)
+    with pytest.raises(OSError):
+        write_mask_png(tmp_path / "m.png", np.ones((4, 4), bool))
+    assert not (tmp_path / "m.png").exists()
