@@ -17,10 +17,12 @@ def cmd_list(args) -> int:
     from wsseg.config import list_recipes
     from wsseg.data import list_datasets
     from wsseg.models.weights import list_weight_sources
+    from wsseg.refine import list_refinements
     from wsseg.stages.references import list_reference_producers
 
-    kinds = {"datasets": list_datasets, "maps": list_map_methods, "weights": list_weight_sources,
-             "references": list_reference_producers, "recipes": list_recipes}
+    kinds = {"datasets": list_datasets, "maps": lambda: list_map_methods() + ["(ccam: named in the recipe)"],
+             "weights": list_weight_sources, "references": list_reference_producers,
+             "refinements": list_refinements, "recipes": list_recipes}
     for kind in [args.kind] if args.kind else kinds:
         console.print(f"[bold]{kind}[/bold]: {', '.join(kinds[kind]())}")
     return 0
@@ -37,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     recipe.add_parser(subparsers)
     lister = subparsers.add_parser("list", help="list registered datasets, map methods, weight sources, recipes")
-    lister.add_argument("kind", nargs="?", choices=["datasets", "maps", "weights", "references", "recipes"])
+    lister.add_argument("kind", nargs="?", choices=["datasets", "maps", "weights", "references", "refinements",
+                                                    "recipes"])
     lister.set_defaults(func=cmd_list)
     for module in _optional_commands():
         module.add_parser(subparsers)

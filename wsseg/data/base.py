@@ -56,8 +56,9 @@ class SegmentationDataset:
     def labels(self) -> np.ndarray:
         return np.array([r.label for r in self.records], dtype=np.int64)
 
-    def load_image(self, index: int) -> np.ndarray:
-        return read_image(self.records[index].image_path)
+    def load_image(self, index: int, max_side: Optional[int] = None) -> np.ndarray:
+        """HxWx3 uint8 RGB. With `max_side`, a large image may come back smaller (never below max_side)."""
+        return read_image(self.records[index].image_path, max_side)
 
     def image_size(self, index: int) -> tuple:
         return image_size(self.records[index].image_path)
@@ -114,9 +115,9 @@ class ConcatDataset(SegmentationDataset):
     def has_masks(self) -> bool:
         return all(p.has_masks for p in self.parts)
 
-    def load_image(self, index: int) -> np.ndarray:
+    def load_image(self, index: int, max_side: Optional[int] = None) -> np.ndarray:
         part, i = self.index[index]
-        return part.load_image(i)
+        return part.load_image(i, max_side)
 
     def load_mask(self, index: int):
         part, i = self.index[index]

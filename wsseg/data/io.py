@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -12,7 +13,7 @@ from wsseg.errors import DataError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path, max_side: Optional[int] = None) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -20,6 +21,8 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"{path}: empty file (0 bytes)")
     try:
         image = Image.open(path)
+        if max_side is not None and image.format == "JPEG":
+            image.draft("RGB", (max_side, max_side))  # JPEG decodes at 1/2, 1/4 or 1/8 scale: much faster
         image.load()  # decode now, so a truncated file fails here and names itself
     except UnidentifiedImageError:
         raise DataError(f"{path}: not a readable image (unknown or corrupt format)") from None
@@ -40,9 +43,12 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Read an image as HxWx3 uint8 RGB: grayscale, RGBA, palette and 16-bit inputs are converted."""
-    image = _open(path)
+def read_image(path: Path, max_side: Optional[int] = None) -> np.ndarray:
+    """Read an image as HxWx3 uint8 RGB: grayscale, RGBA, palette and 16-bit inputs are converted.
+
+    `max_side` lets large JPEGs decode at a reduced scale that still covers it (for training crops).
+    """
+    image = _open(path, max_side)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = _to_uint8(np.asarray(image))
         return np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array[..., :3]

@@ -91,7 +91,7 @@ class SyntheticScenes(SegmentationDataset):
             n_objects = 1 + int(np.random.default_rng([self.base_seed, i, 7]).integers(self.max_objects))
         return render_scene(self.base_seed * 100003 + i, self.size, n_objects)
 
-    def load_image(self, index: int) -> np.ndarray:
+    def load_image(self, index: int, max_side: Optional[int] = None) -> np.ndarray:
         return self._scene(index)[0]
 
     def load_mask(self, index: int) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -39,20 +40,24 @@ class TorchDataset(Dataset):
     """Yields dicts: `image` (3xHxW float tensor), `label`, `index`, and `mask` when asked for."""
 
     def __init__(self, dataset: SegmentationDataset, transform: A.Compose, with_masks: bool = False,
-                 masks: Optional[object] = None):
+                 masks: Optional[object] = None, max_side: Optional[int] = None):
         self.dataset = dataset
         self.transform = transform
         self.with_masks = with_masks
         self.masks = masks  # optional callable index -> mask overriding the dataset's own
+        self.max_side = max_side  # decode large JPEGs at reduced scale (training crops need no more)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        image = self.dataset.load_image(index)
+        image = self.dataset.load_image(index, self.max_side)
         item = {"label": self.dataset.records[index].label, "index": index}
         if self.with_masks:
             mask = self.masks(index) if self.masks is not None else self.dataset.load_mask(index)
+            if mask.shape != image.shape[:2]:  # the image was decoded at reduced scale
+                mask = cv2.resize(mask.astype(np.uint8), (image.shape[1], image.shape[0]),
+                                  interpolation=cv2.INTER_NEAREST)
             out = self.transform(image=image, mask=mask.astype(np.uint8))
             item["mask"] = torch.from_numpy(np.ascontiguousarray(out["mask"])).float()
         else:

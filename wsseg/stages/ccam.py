@@ -64,7 +64,7 @@ def decide_polarity(model: CCAM, dataset: SegmentationDataset, mode: str, device
     if mode in ("none", "inverted"):
         model.flip.fill_(float(mode == "inverted"))
         return {"polarity_mode": mode, "flip": float(model.flip)}
-    loader = make_loader(TorchDataset(dataset, eval_transform(image_size, mean, std)), 16, shuffle=False)
+    loader = make_loader(TorchDataset(dataset, eval_transform(image_size, mean, std), max_side=2 * image_size), 16, shuffle=False)
     maps, refs, seen = [], [], 0
     for batch in loader:
         images = batch["image"].to(device)
@@ -109,7 +109,7 @@ def train_ccam(config: CCAMConfig, backbone: BackboneConfig, out_dir: Path, devi
     model = build_ccam(config, backbone, classifier_checkpoint).to(device)
     mean, std = normalisation(model.backbone)
     transform = train_transform(config.image_size, mean, std, config.vertical_flip)
-    loader = training_loader(TorchDataset(dataset, transform), config.batch_size, config.num_workers, seed)
+    loader = training_loader(TorchDataset(dataset, transform, max_side=2 * config.image_size), config.batch_size, config.num_workers, seed)
     optimizer = torch.optim.SGD(param_groups([(model.backbone, config.lr),
                                               (model.head, config.lr * config.head_lr_scale)],
                                              config.weight_decay), momentum=0.9)

@@ -68,7 +68,8 @@ def _class_weights(datasets: List[SegmentationDataset], num_classes: int) -> tor
 def predict_probabilities(model, dataset: SegmentationDataset, meta: ClassifierMeta, device, batch_size: int = 32,
                           progress: ProgressFn = no_progress, num_workers: int = 0) -> np.ndarray:
     """Softmax probabilities (N x classes) for every image of `dataset`."""
-    loader = make_loader(TorchDataset(dataset, eval_transform(meta.image_size, meta.mean, meta.std)),
+    loader = make_loader(TorchDataset(dataset, eval_transform(meta.image_size, meta.mean, meta.std),
+                                     max_side=2 * meta.image_size),
                          batch_size, shuffle=False, num_workers=num_workers)
     model.eval()
     out = []
@@ -107,7 +108,7 @@ def train_classifier(config: ClassifierConfig, backbone: BackboneConfig, out_dir
     mean, std = normalisation(model)
     meta = ClassifierMeta(backbone.name, list(classes), train_sets[0].positive_index, config.image_size, mean, std)
     transform = train_transform(config.image_size, mean, std, config.vertical_flip)
-    loaders = [training_loader(TorchDataset(d, transform), config.batch_size, config.num_workers, seed + i)
+    loaders = [training_loader(TorchDataset(d, transform, max_side=2 * config.image_size), config.batch_size, config.num_workers, seed + i)
                for i, d in enumerate(train_sets)]
     # Several datasets alternate epoch by epoch (the paper's schedule for pets and polyps).
     loader = loaders[0] if len(loaders) == 1 else AlternatingLoader(loaders)

@@ -51,7 +51,7 @@ def write_maps(method: MapMethod, dataset: SegmentationDataset, out_dir: Path, i
     """Run `method` over `dataset` (or its `indices`, e.g. this rank's shard) in batches and save
     `out_dir/<stem>.npy` (float16, image_size^2)."""
     out_dir = Path(out_dir)
-    images = TorchDataset(dataset, eval_transform(image_size, mean, std))
+    images = TorchDataset(dataset, eval_transform(image_size, mean, std), max_side=2 * image_size)
     if indices is not None:
         images = Subset(images, list(indices))
     loader = make_loader(images, batch_size, False, num_workers)

@@ -95,7 +95,8 @@ def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: Se
     mean, std = encoder_normalisation(encoder)
     meta = SegmenterMeta(encoder, config.image_size, mean, std, config.threshold, trained_on=config.masks)
     transform = train_transform(config.image_size, mean, std, config.vertical_flip)
-    loader = training_loader(TorchDataset(dataset, transform, with_masks=True, masks=mask_source),
+    loader = training_loader(TorchDataset(dataset, transform, with_masks=True, masks=mask_source,
+                                          max_side=2 * config.image_size),
                              config.batch_size, config.num_workers, seed)
     optimizer = torch.optim.AdamW(param_groups([(model, config.lr)], config.weight_decay))
     steps = config.epochs * len(loader)
@@ -138,7 +139,8 @@ def _probability_batches(model, meta: SegmenterMeta, dataset: SegmentationDatase
                          progress: ProgressFn, indices: Optional[Sequence[int]], description: str):
     """(dataset index, probability map at the model's input size) for each image, in batches."""
     model = model.to(device).eval()
-    images = TorchDataset(dataset, eval_transform(meta.image_size, meta.mean, meta.std))
+    images = TorchDataset(dataset, eval_transform(meta.image_size, meta.mean, meta.std),
+                          max_side=2 * meta.image_size)
     if indices is not None:
         images = Subset(images, list(indices))
     loader = make_loader(images, batch_size, False)
