@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from wsseg import distributed as dist
+from wsseg.checkpoint import atomic_save
 from wsseg.progress import ProgressFn, no_progress
 
 log = logging.getLogger("wsseg")
@@ -118,8 +119,5 @@ def state_file(folder: Path, name: str, tag: str = "") -> Path:
 
 
 def save_state(path: Path, model, optimizer, scheduler, rng: Dict, history: List[Dict], epoch: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng, "history": history, "epoch": epoch}, tmp)
-    tmp.replace(path)
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": rng, "history": history, "epoch": epoch}, path)

@@ -9,6 +9,7 @@ from typing import List, Tuple
 import timm
 import torch
 
+from wsseg.checkpoint import atomic_save
 from wsseg.models.weights import create_timm_model
 
 
@@ -35,11 +36,7 @@ def build_classifier(model_name: str, weights: str, num_classes: int) -> torch.n
 
 
 def save_classifier(path: Path, model: torch.nn.Module, meta: ClassifierMeta, extra: dict = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"meta": asdict(meta), "state_dict": model.state_dict(), **(extra or {})}, tmp)
-    tmp.replace(path)
+    atomic_save({"meta": asdict(meta), "state_dict": model.state_dict(), **(extra or {})}, path)
 
 
 def load_classifier(path: Path, map_location="cpu") -> Tuple[torch.nn.Module, ClassifierMeta]:

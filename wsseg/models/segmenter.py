@@ -9,6 +9,7 @@ from typing import List, Optional, Tuple
 import segmentation_models_pytorch as smp
 import torch
 
+from wsseg.checkpoint import atomic_save
 from wsseg.models.weights import create_timm_model
 
 
@@ -49,11 +50,7 @@ def encoder_normalisation(encoder: str) -> Tuple[tuple, tuple]:
 
 
 def save_segmenter(path: Path, model: torch.nn.Module, meta: SegmenterMeta, extra: dict = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"meta": asdict(meta), "state_dict": model.state_dict(), **(extra or {})}, tmp)
-    tmp.replace(path)
+    atomic_save({"meta": asdict(meta), "state_dict": model.state_dict(), **(extra or {})}, path)
 
 
 def load_segmenter(path: Path, map_location="cpu") -> Tuple[torch.nn.Module, SegmenterMeta]:

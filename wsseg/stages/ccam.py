@@ -11,6 +11,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from wsseg.checkpoint import atomic_save
 from wsseg.config_schema import BackboneConfig, CCAMConfig
 from wsseg.data import create_dataset
 from wsseg.data.base import SegmentationDataset, concat_datasets
@@ -148,13 +149,10 @@ def train_ccam(config: CCAMConfig, backbone: BackboneConfig, out_dir: Path, devi
 
 
 def save_ccam(path: Path, model: CCAM, config: CCAMConfig, mean, std) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"meta": {"backbone": model.backbone_name, "stages": list(config.stages),
+    atomic_save({"meta": {"backbone": model.backbone_name, "stages": list(config.stages),
                          "output_stride": config.output_stride, "image_size": config.image_size,
                          "mean": list(mean), "std": list(std), "name": config.name},
-                "state_dict": model.state_dict()}, tmp)
-    tmp.replace(path)
+                "state_dict": model.state_dict()}, path)
 
 
 def load_ccam(path: Path, map_location="cpu"):
