@@ -129,3 +129,17 @@ def test_small_batch_warns(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="wsseg"):
         train_ccam(config, BackboneConfig(TINY_MODEL, "none"), tmp_path, "cpu")
     assert "below 16" in caplog.text
+
+
+def test_onnx_backend_gives_the_same_maps(tmp_path):
+    from wsseg.cams.ccam import CCAMOnnxMaps
+    from wsseg.deploy.onnx_export import export_ccam
+    from wsseg.stages.ccam import save_ccam
+
+    model = CCAM(TINY_MODEL).eval()
+    model.flip.fill_(1.0)  # the polarity must travel into the exported model
+    save_ccam(tmp_path / "c.pth", model, CCAMConfig(image_size=64), (0.5,) * 3, (0.5,) * 3)
+    export_ccam(tmp_path / "c.pth", tmp_path / "c.onnx")
+    images = torch.randn(3, 3, 96, 64)
+    np.testing.assert_allclose(CCAMOnnxMaps(tmp_path / "c.onnx", device="cpu").compute(images),
+                               CCAMMaps(model).compute(images), atol=1e-4)

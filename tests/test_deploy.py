@@ -90,8 +90,10 @@ def test_bench_rows_have_ratios(exported):
     rows = bench_inference(ProbabilityHead(model), {"onnxruntime fp32": report.path}, 64, (1, 2), warmup=1, iters=2)
     assert [r.batch_size for r in rows] == [1, 1, 2, 2]
     assert rows[0].ratio == 1.0 and rows[1].ratio > 0
-    maps = bench_maps(map_method_callables("test_resnet", "none", ["ccam", "gradcam"]), 64, 2, warmup=1, iters=1)
-    assert [r.name for r in maps] == ["ccam", "gradcam"] and all(r.images_per_s > 0 for r in maps)
+    maps = bench_maps(map_method_callables("test_resnet", "none", ["ccam", "gradcam"], image_size=64), 64, 2,
+                      warmup=1, iters=1)
+    assert [r.name for r in maps] == ["ccam (onnxruntime)", "ccam (pytorch)", "gradcam"]
+    assert all(r.images_per_s > 0 for r in maps)
 
 
 def test_segmentation_loss_ignores_band():

@@ -107,6 +107,8 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             problems.append(f"ccam.{i}.init: 'classifier' needs a classifier section")
         if c.polarity not in ("auto", "border", "classifier", "none", "inverted"):
             problems.append(f"ccam.{i}.polarity: must be auto, border, classifier, none or inverted, got '{c.polarity}'")
+        if c.inference_backend not in ("torch", "onnx"):
+            problems.append(f"ccam.{i}.inference_backend: must be torch or onnx, got '{c.inference_backend}'")
         if c.name in list_map_methods():
             problems.append(f"ccam.{i}.name: '{c.name}' is a classifier map method; pick another name")
         if not c.train:

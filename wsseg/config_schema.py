@@ -84,6 +84,7 @@ class CCAMConfig:
     alpha: float = 0.25
     freeze_backbone_epochs: int = 0
     polarity: str = "auto"
+    inference_backend: str = "torch"
     vertical_flip: bool = True
     num_workers: int = 0
     amp: bool = True

@@ -23,7 +23,7 @@ import numpy as np
 from wsseg import distributed as dist
 from wsseg.cams import create_map_method, requires_classifier
 from wsseg.cams.base import MapMethod
-from wsseg.cams.ccam import CCAMMaps
+from wsseg.cams.ccam import CCAMMaps, CCAMOnnxMaps
 from wsseg.cams.tta import TTAMaps
 from wsseg.config import to_yaml
 from wsseg.config_schema import RecipeConfig
@@ -277,8 +277,18 @@ class RecipeRun:
         self.artifacts[ccam_config.name] = Path(result["checkpoint"])
         model, meta = load_ccam(Path(result["checkpoint"]))
         model = model.to(self.device)
-        return MapProducer(lambda: CCAMMaps(model), tuple(meta["mean"]), tuple(meta["std"]),
-                           lambda dataset: np.zeros(len(dataset), dtype=np.int64), digest)
+        build: Callable[[], MapMethod] = lambda: CCAMMaps(model)  # noqa: E731
+        if ccam_config.inference_backend == "onnx":  # exported once, then labelled by ONNX Runtime
+            from wsseg.deploy.onnx_export import export_ccam
+
+            onnx_path = self.out_dir / "checkpoints" / f"{ccam_config.name}.maps.onnx"
+            if dist.is_main() and not onnx_path.is_file():
+                export_ccam(Path(result["checkpoint"]), onnx_path)
+            dist.barrier()
+            build = lambda: CCAMOnnxMaps(onnx_path, device=self.config.device)  # noqa: E731
+        return MapProducer(build, tuple(meta["mean"]), tuple(meta["std"]),
+                           lambda dataset: np.zeros(len(dataset), dtype=np.int64),
+                           fingerprint(digest, ccam_config.inference_backend))
 
     def maps_for(self, name: str, producer: MapProducer, dataset: SegmentationDataset, folder: str,
                  dataset_config) -> Path:

@@ -44,6 +44,8 @@ def add_parser(subparsers) -> None:
     maps.add_argument("--batch-size", type=int, default=16)
     maps.add_argument("--methods", nargs="+", default=["ccam", "gradcam", "hirescam", "fullgrad"])
     maps.add_argument("--iters", type=int, default=5)
+    maps.add_argument("--output-stride", type=int, default=16, help="CCAM backbone output stride (16 or 32)")
+    maps.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     maps.add_argument("--out", type=Path, help="write the rows as JSON here")
     maps.set_defaults(func=cmd_bench_maps)
 
@@ -153,7 +155,8 @@ def cmd_bench_infer(args) -> int:
 def cmd_bench_maps(args) -> int:
     from wsseg.deploy.bench import bench_maps, map_method_callables
 
-    methods = map_method_callables(args.backbone, args.weights, args.methods)
+    methods = map_method_callables(args.backbone, args.weights, args.methods, output_stride=args.output_stride,
+                                   image_size=args.size, threads=args.threads)
     rows = bench_maps(methods, args.size, args.batch_size, iters=args.iters)
     _print_rows(f"map throughput, {args.backbone} at {args.size}px, batch {args.batch_size}", rows, args.out)
     return 0

@@ -78,10 +78,14 @@ def bench_maps(methods: Dict[str, Callable[[torch.Tensor], object]], image_size:
 
 
 def map_method_callables(backbone: str, weights: str, names: Sequence[str], stages=(-2, -1),
-                         output_stride: int = 16) -> Dict[str, Callable]:
-    """CCAM inference and classifier-based methods on the same backbone, ready for `bench_maps`."""
+                         output_stride: int = 16, image_size: int = 224,
+                         threads: Optional[int] = None) -> Dict[str, Callable]:
+    """CCAM inference (PyTorch and ONNX Runtime) and classifier-based methods on the same backbone."""
+    import tempfile
+
     from wsseg.cams import create_map_method
-    from wsseg.cams.ccam import CCAMMaps
+    from wsseg.cams.ccam import CCAMMaps, CCAMOnnxMaps
+    from wsseg.deploy.onnx_export import _export, _metadata
     from wsseg.models.ccam import CCAM
     from wsseg.models.classifier import build_classifier
 
@@ -89,8 +93,13 @@ def map_method_callables(backbone: str, weights: str, names: Sequence[str], stag
     classifier = None
     for name in names:
         if name == "ccam":
-            ccam = CCAMMaps(CCAM(backbone, weights, stages, output_stride).eval())
-            out[name] = lambda x, m=ccam: m.compute(x)
+            model = CCAM(backbone, weights, stages, output_stride).eval()
+            path = Path(tempfile.mkdtemp()) / "ccam.onnx"
+            _export(model, path, image_size, 17, _metadata("ccam", image_size, (0.5,) * 3, (0.5,) * 3, 0.5, []))
+            onnx_maps = CCAMOnnxMaps(path, threads, device="cpu")
+            out["ccam (onnxruntime)"] = lambda x, m=onnx_maps: m.compute(x)
+            torch_maps = CCAMMaps(model)
+            out["ccam (pytorch)"] = lambda x, m=torch_maps: m.compute(x)
         else:
             classifier = classifier or build_classifier(backbone, weights, 2).eval()
             method = create_map_method(name, model=classifier)
