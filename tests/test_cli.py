@@ -51,7 +51,8 @@ def test_demo_end_to_end_through_cli(tmp_path, capsys):
     assert "demo: masks vs ground truth" in printed and "gradcam" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     for producer in ("ccam", "ccam_cls", "ccam_cls_refined", "ccam_cls_calibrated", "gradcam", "hirescam",
-                     "fullgrad", "unet_round0", "unet", "all_foreground", "center_ellipse"):
+                     "fullgrad", "unet_round0", "unet", "unet_onnx", "unet_onnx_int8", "all_foreground",
+                     "center_ellipse"):
         entry = metrics[producer]
         assert {"dice", "iou", "precision", "recall", "accuracy", "n_images"} <= set(entry)
         assert entry["n_images"] == 6
@@ -68,6 +69,7 @@ def test_demo_end_to_end_through_cli(tmp_path, capsys):
     assert (out / "model.onnx").is_file() and (out / "model.int8.onnx").is_file()
     assert (out / "ccam.onnx").is_file() and (out / "ccam_cls.onnx").is_file()
     assert metrics["export"]["unet"]["max_abs_diff"] < 1e-3
+    assert abs(metrics["unet_onnx"]["dice"] - metrics["unet"]["dice"]) < 0.05  # same model, other runtime
     assert (out / "masks" / "unet").is_dir()
     assert metrics["calibration"]["ccam_cls_calibrated"]["n_images"] == 3
     assert (out / "checkpoints" / "unet_round0.pth").is_file()  # one self-training round before the final U-Net

@@ -201,9 +201,9 @@ class RecipeRun:
         if config.segment is not None:
             mask_dirs.update(self.segment(producers, eval_set))
         if dist.is_main():
-            self.evaluate(mask_dirs, eval_set)
             if config.export is not None and config.export.enabled:
-                self.export()
+                mask_dirs.update(self.export(eval_set))
+            self.evaluate(mask_dirs, eval_set)
         dist.barrier()
         if self.skipped_stages:
             self.metrics["resumed_skipped_stages"] = self.skipped_stages
@@ -398,12 +398,20 @@ class RecipeRun:
             write_run_grids(self.out_dir, eval_set, all_rows,
                             [m for m in mask_dirs if (self.out_dir / "maps" / m).is_dir()])
 
-    def export(self) -> None:
+    def export(self, eval_set: SegmentationDataset) -> Dict[str, Path]:
+        """Export, then segment the evaluation images with the deployed ONNX models themselves, so the
+        table shows what export (and INT8) costs in Dice."""
         from wsseg.deploy.onnx_export import export_run_models
+        from wsseg.deploy.predict_onnx import write_onnx_masks
 
         with self.timer("export"):
             self.metrics["export"] = export_run_models(self.out_dir, self.config.export, self.artifacts,
                                                        self.data_root)
+        out = {}
+        for name, filename in (("unet_onnx", "model.onnx"), ("unet_onnx_int8", "model.int8.onnx")):
+            if (self.out_dir / filename).is_file():
+                out[name] = write_onnx_masks(self.out_dir / filename, eval_set, self.out_dir / "masks" / name)
+        return out
 
 
 def finish_run(name: str, out_dir: Path, metrics: Dict[str, Any], timings: Dict[str, float],

@@ -80,6 +80,8 @@ def fit(name: str, model: torch.nn.Module, loader: DataLoader, step: Callable[[t
         _set_rng_state(state["rng"], loader)
         history, start = state["history"], state["epoch"]
         log.info("%s: resuming after epoch %d from %s", name, start, state_path)
+    if torch.device(device).type == "cuda":
+        model.to(memory_format=torch.channels_last)
     model = wrap_model(model, device)
     for epoch in range(start, epochs):
         if before_epoch is not None:
