@@ -1,0 +1,40 @@
+"""Stage functions called from Python, as a library user would."""
+
+import torch
+
+from conftest import TINY_MODEL
+from wsseg.config_schema import BackboneConfig, CCAMConfig, ClassifierConfig, DatasetConfig
+from wsseg.stages.ccam import load_ccam, train_ccam
+from wsseg.stages.classifier import train_classifier
+
+
+def test_classifier_alternates_datasets_and_reports_auc(tmp_path):
+    a = DatasetConfig("synthetic", None, "train", options={"n": 16, "size": 32})
+    b = DatasetConfig("synthetic", None, "other", options={"n": 24, "size": 32})
+    config = ClassifierConfig(train=[a, b], val=DatasetConfig("synthetic", None, "val", options={"n": 8, "size": 32}),
+                              image_size=32, epochs=3, batch_size=8, amp=False)
+    result = train_classifier(config, BackboneConfig(TINY_MODEL, "none"), tmp_path, "cpu")
+    history = torch.load(result.checkpoint, weights_only=False)["loss_history"]
+    assert len(history) == 3
+    assert 0 <= result.metrics["accuracy"] <= 1 and 0 <= result.metrics["roc_auc"] <= 1
+    assert (tmp_path / "classifier_metrics.json").is_file()
+
+
+def test_ccam_frozen_backbone_phase_leaves_backbone_untouched(tmp_path):
+    train = DatasetConfig("synthetic", None, "train", options={"n": 16, "size": 32})
+    torch.manual_seed(0)
+    frozen = CCAMConfig(train=[train], image_size=32, epochs=1, batch_size=8, freeze_backbone_epochs=1,
+                        polarity="none", amp=False)
+    result = train_ccam(frozen, BackboneConfig(TINY_MODEL, "none"), tmp_path / "a", "cpu", seed=0)
+    torch.manual_seed(0)
+    from wsseg.models.ccam import CCAM
+
+    initial = CCAM(TINY_MODEL, "none").backbone.state_dict()
+    model, _ = load_ccam(result.checkpoint)
+    trained = model.backbone.state_dict()
+    assert all(torch.equal(initial[k], trained[k]) for k in initial if "num_batches" not in k)
+    head_moved = CCAMConfig(train=[train], image_size=32, epochs=1, batch_size=8, polarity="none", amp=False)
+    torch.manual_seed(0)
+    result = train_ccam(head_moved, BackboneConfig(TINY_MODEL, "none"), tmp_path / "b", "cpu", seed=0)
+    model, _ = load_ccam(result.checkpoint)
+    assert not all(torch.equal(initial[k], v) for k, v in model.backbone.state_dict().items())
