@@ -75,11 +75,15 @@ def cmd_run(args) -> int:
     from wsseg import distributed as dist
     from wsseg.cli.ui import console, print_run_summary, rich_progress, setup_console_logging
     from wsseg.errors import WssegError
+    from wsseg.progress import no_progress
     from wsseg.runner import run_recipe
 
     if args.resume is not None:
-        if args.recipe is not None and args.recipe.endswith((".yaml", ".yml")) is False and "=" in args.recipe:
-            args.overrides.insert(0, args.recipe)  # `run --resume DIR key=value`: no recipe name given
+        if args.recipe is not None:
+            if "=" not in args.recipe:
+                raise WssegError(f"recipe run --resume takes its recipe from {args.resume / 'config.yaml'}; "
+                                 f"drop '{args.recipe}' (key=value overrides are fine)")
+            args.overrides.insert(0, args.recipe)  # argparse put the first override in the recipe slot
         config = load_recipe(str(args.resume / "config.yaml"), args.overrides)
         out = args.resume
     elif args.recipe is None:
@@ -89,11 +93,10 @@ def cmd_run(args) -> int:
         out = args.out or Path("runs") / config.name / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     dist.init_from_env()
     setup_console_logging(args.verbose)
-    bars = rich_progress() if dist.is_main() else contextlib.nullcontext(None)
+    bars = rich_progress() if dist.is_main() else contextlib.nullcontext(no_progress)
     with bars as progress:
-        kwargs = {"progress": progress} if progress is not None else {}
-        result = run_recipe(config, out, args.data_root, overwrite=args.overwrite, resume=args.resume is not None,
-                            **kwargs)
+        result = run_recipe(config, out, args.data_root, progress, overwrite=args.overwrite,
+                            resume=args.resume is not None)
     if dist.is_main():
         print_run_summary(config.name, result.metrics, result.timings)
         console.print(f"run directory: [bold]{result.out_dir}[/bold] (metrics.json, report.md, masks/, plots/)")

@@ -15,14 +15,14 @@ from wsseg.checkpoint import atomic_save
 from wsseg.config_schema import BackboneConfig, CCAMConfig
 from wsseg.data import create_dataset
 from wsseg.data.base import SegmentationDataset, concat_datasets
-from wsseg.data.transforms import TorchDataset, eval_transform, train_transform
+from wsseg.data.transforms import TorchDataset, train_transform
 from wsseg.device import autocast, batch_to, seed_everything
 from wsseg.errors import ConfigError
 from wsseg.models.ccam import CCAM, CCAMLoss
 from wsseg.models.classifier import normalisation
 from wsseg.progress import ProgressFn, no_progress
 from wsseg import distributed as dist
-from wsseg.stages.common import make_loader, param_groups, poly_lambda, write_json
+from wsseg.stages.common import eval_loader, param_groups, poly_lambda, write_json
 from wsseg.training import fit, state_file, training_loader
 
 log = logging.getLogger("wsseg")
@@ -65,7 +65,7 @@ def decide_polarity(model: CCAM, dataset: SegmentationDataset, mode: str, device
     if mode in ("none", "inverted"):
         model.flip.fill_(float(mode == "inverted"))
         return {"polarity_mode": mode, "flip": float(model.flip)}
-    loader = make_loader(TorchDataset(dataset, eval_transform(image_size, mean, std), max_side=2 * image_size), 16, shuffle=False)
+    loader = eval_loader(dataset, image_size, mean, std, 16)
     maps, refs, seen = [], [], 0
     for batch in loader:
         images = batch["image"].to(device)
@@ -110,7 +110,8 @@ def train_ccam(config: CCAMConfig, backbone: BackboneConfig, out_dir: Path, devi
     model = build_ccam(config, backbone, classifier_checkpoint).to(device)
     mean, std = normalisation(model.backbone)
     transform = train_transform(config.image_size, mean, std, config.vertical_flip)
-    loader = training_loader(TorchDataset(dataset, transform, max_side=2 * config.image_size), config.batch_size, config.num_workers, seed)
+    loader = training_loader(TorchDataset(dataset, transform, max_side=2 * config.image_size), config.batch_size,
+                             config.num_workers, seed)
     optimizer = torch.optim.SGD(param_groups([(model.backbone, config.lr),
                                               (model.head, config.lr * config.head_lr_scale)],
                                              config.weight_decay), momentum=0.9)

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from wsseg.config_schema import BackboneConfig, ClassifierConfig
 from wsseg.data import create_dataset
 from wsseg.data.base import SegmentationDataset
-from wsseg.data.transforms import TorchDataset, eval_transform, train_transform
+from wsseg.data.transforms import TorchDataset, train_transform
 from wsseg.device import autocast, batch_to, seed_everything
 from wsseg.errors import DataError
 from wsseg.metrics import roc_auc
 from wsseg.models.classifier import ClassifierMeta, build_classifier, load_classifier, normalisation, save_classifier
 from wsseg.progress import ProgressFn, no_progress
 from wsseg import distributed as dist
-from wsseg.stages.common import cosine_lambda, make_loader, param_groups, write_json
+from wsseg.stages.common import cosine_lambda, eval_loader, param_groups, write_json
 from wsseg.training import fit, state_file, training_loader
 
 log = logging.getLogger("wsseg")
@@ -68,9 +68,7 @@ def _class_weights(datasets: List[SegmentationDataset], num_classes: int) -> tor
 def predict_probabilities(model, dataset: SegmentationDataset, meta: ClassifierMeta, device, batch_size: int = 32,
                           progress: ProgressFn = no_progress, num_workers: int = 0) -> np.ndarray:
     """Softmax probabilities (N x classes) for every image of `dataset`."""
-    loader = make_loader(TorchDataset(dataset, eval_transform(meta.image_size, meta.mean, meta.std),
-                                     max_side=2 * meta.image_size),
-                         batch_size, shuffle=False, num_workers=num_workers)
+    loader = eval_loader(dataset, meta.image_size, meta.mean, meta.std, batch_size, num_workers=num_workers)
     model.eval()
     out = []
     for batch in progress(loader, total=len(loader), description="classify"):
@@ -108,7 +106,8 @@ def train_classifier(config: ClassifierConfig, backbone: BackboneConfig, out_dir
     mean, std = normalisation(model)
     meta = ClassifierMeta(backbone.name, list(classes), train_sets[0].positive_index, config.image_size, mean, std)
     transform = train_transform(config.image_size, mean, std, config.vertical_flip)
-    loaders = [training_loader(TorchDataset(d, transform, max_side=2 * config.image_size), config.batch_size, config.num_workers, seed + i)
+    loaders = [training_loader(TorchDataset(d, transform, max_side=2 * config.image_size), config.batch_size,
+                               config.num_workers, seed + i)
                for i, d in enumerate(train_sets)]
     # Several datasets alternate epoch by epoch (the paper's schedule for pets and polyps).
     loader = loaders[0] if len(loaders) == 1 else AlternatingLoader(loaders)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0,
@@ -17,6 +17,18 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       drop_last=drop_last and len(dataset) > batch_size, generator=generator,
                       persistent_workers=False)
+
+
+def eval_loader(dataset, image_size: int, mean: Sequence[float], std: Sequence[float], batch_size: int,
+                indices: Optional[Sequence[int]] = None, num_workers: int = 0) -> DataLoader:
+    """Resize + normalise in order, optionally only `indices` (e.g. this rank's shard). Large JPEGs decode
+    at reduced scale: nothing beyond twice the input size survives the resize anyway."""
+    from wsseg.data.transforms import TorchDataset, eval_transform
+
+    images = TorchDataset(dataset, eval_transform(image_size, mean, std), max_side=2 * image_size)
+    if indices is not None:
+        images = Subset(images, list(indices))
+    return make_loader(images, batch_size, shuffle=False, num_workers=num_workers)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -8,13 +8,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
 
 from wsseg.cams import MapMethod
 from wsseg.data.base import SegmentationDataset
-from wsseg.data.transforms import TorchDataset, eval_transform
 from wsseg.progress import ProgressFn, no_progress
-from wsseg.stages.common import make_loader
+from wsseg.stages.common import eval_loader
 
 log = logging.getLogger("wsseg")
 
@@ -51,13 +49,10 @@ def write_maps(method: MapMethod, dataset: SegmentationDataset, out_dir: Path, i
     """Run `method` over `dataset` (or its `indices`, e.g. this rank's shard) in batches and save
     `out_dir/<stem>.npy` (float16, image_size^2)."""
     out_dir = Path(out_dir)
-    images = TorchDataset(dataset, eval_transform(image_size, mean, std), max_side=2 * image_size)
-    if indices is not None:
-        images = Subset(images, list(indices))
-    loader = make_loader(images, batch_size, False, num_workers)
+    loader = eval_loader(dataset, image_size, mean, std, batch_size, indices, num_workers)
     for batch in progress(loader, total=len(loader), description=description):
-        indices = batch["index"].tolist()
-        maps = method.compute(batch["image"].to(device), [int(targets[i]) for i in indices])
-        for i, activation in zip(indices, maps):
+        batch_indices = batch["index"].tolist()
+        maps = method.compute(batch["image"].to(device), [int(targets[i]) for i in batch_indices])
+        for i, activation in zip(batch_indices, maps):
             save_map(out_dir / f"{dataset.records[i].stem}.npy", activation)
     return out_dir

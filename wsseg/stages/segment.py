@@ -11,17 +11,16 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Subset
 
 from wsseg.config_schema import BackboneConfig, SegmentConfig
 from wsseg.data.base import SegmentationDataset
 from wsseg.data.io import write_mask_png
-from wsseg.data.transforms import TorchDataset, eval_transform, train_transform
+from wsseg.data.transforms import TorchDataset, train_transform
 from wsseg.device import autocast, batch_to, seed_everything
 from wsseg.models.segmenter import SegmenterMeta, build_unet, encoder_normalisation, load_segmenter, save_segmenter
 from wsseg.progress import ProgressFn, no_progress
 from wsseg import distributed as dist
-from wsseg.stages.common import cosine_lambda, make_loader, param_groups, write_json
+from wsseg.stages.common import cosine_lambda, eval_loader, param_groups, write_json
 from wsseg.training import fit, state_file, training_loader
 from wsseg.stages.pseudo_masks import MaskRule
 
@@ -35,6 +34,11 @@ class SegmentResult:
     metrics: Dict[str, float]
 
 
+def _is_negative(dataset: SegmentationDataset, index: int) -> bool:
+    """The image label says there is nothing to find: its mask is empty whatever a map shows."""
+    return dataset.records[index].label != dataset.positive_index
+
+
 def pseudo_mask_source(dataset: SegmentationDataset, rule: Optional[MaskRule] = None,
                        map_dirs: Optional[Dict[str, Path]] = None,
                        ignore_band: Optional[List[float]] = None) -> Callable[[int], np.ndarray]:
@@ -45,8 +49,8 @@ def pseudo_mask_source(dataset: SegmentationDataset, rule: Optional[MaskRule] = 
         return dataset.load_mask(index).astype(np.uint8)
 
     def from_map(index: int) -> np.ndarray:
-        if dataset.records[index].label != dataset.positive_index:
-            return np.zeros(dataset.image_size(index), np.uint8)  # the image label says: nothing to find here
+        if _is_negative(dataset, index):
+            return np.zeros(dataset.image_size(index), np.uint8)
         activation = rule.activation(dataset, index, map_dirs)
         mask = rule.mask(activation).astype(np.uint8)
         if ignore_band is not None:
@@ -61,7 +65,7 @@ def confident_mask_source(dataset: SegmentationDataset, prob_dir: Path,
     """Self-training labels from saved U-Net probabilities: confident pixels; those inside `band` are ignored."""
     def source(index: int) -> np.ndarray:
         height, width = dataset.image_size(index)
-        if dataset.records[index].label != dataset.positive_index:
+        if _is_negative(dataset, index):
             return np.zeros((height, width), np.uint8)
         saved = np.load(Path(prob_dir) / f"{dataset.records[index].stem}.npy").astype(np.float32)
         prob = cv2.resize(saved, (width, height), interpolation=cv2.INTER_LINEAR)
@@ -139,11 +143,7 @@ def _probability_batches(model, meta: SegmenterMeta, dataset: SegmentationDatase
                          progress: ProgressFn, indices: Optional[Sequence[int]], description: str):
     """(dataset index, probability map at the model's input size) for each image, in batches."""
     model = model.to(device).eval()
-    images = TorchDataset(dataset, eval_transform(meta.image_size, meta.mean, meta.std),
-                          max_side=2 * meta.image_size)
-    if indices is not None:
-        images = Subset(images, list(indices))
-    loader = make_loader(images, batch_size, False)
+    loader = eval_loader(dataset, meta.image_size, meta.mean, meta.std, batch_size, indices)
     for batch in progress(loader, total=len(loader), description=description):
         with torch.no_grad(), autocast(device):
             probs = predict_probabilities(model, batch["image"].to(device)).float().cpu().numpy()
