@@ -90,3 +90,38 @@ def test_variant_validation_names_the_key():
     assert "pseudo_masks.variants.0.refine.1.options.size: unknown option" in text
     assert "calibrated needs pseudo_masks.calibrate.dataset" in text
     assert set(list_refinements()) >= {"guided_filter", "bilateral", "gate", "largest_component", "otsu"} - {"otsu"}
+
+
+def test_dense_crf_snaps_a_blurry_map_to_the_object():
+    pytest.importorskip("pydensecrf.densecrf", reason="dense_crf needs the optional pydensecrf2 package")
+    rng = np.random.default_rng(0)
+    image = np.full((160, 160, 3), 40.0)
+    image[40:120, 50:130] = (200, 90, 90)  # a reddish rectangle on a dark, noisy background
+    image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    truth = image[..., 0] > 120
+    yy, xx = np.mgrid[:160, :160]  # a round blob roughly on the object, as a coarse CAM would give
+    activation = np.exp(-((yy - 85) ** 2 + (xx - 85) ** 2) / (2 * 45 ** 2)).astype(np.float32)
+    refined = MAP_STEPS.get("dense_crf")(activation, image, max_side=80)  # also checks the rescaling
+    assert refined.shape == activation.shape
+    before = ((activation >= otsu_threshold(activation)) ^ truth).sum()
+    after = ((refined >= 0.5) ^ truth).sum()
+    assert after < before / 4
+
+
+def test_dense_crf_without_its_package_names_the_extra(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_crf(name, *args, **kwargs):
+        if name.startswith("pydensecrf"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_crf)
+    image, activation = _scene()
+    with pytest.raises(ConfigError, match=r"wsseg\[crf\]"):
+        MAP_STEPS.get("dense_crf")(activation, image)
+    with pytest.raises(ConfigError, match=r"variants.0.refine.0.name: refinement 'dense_crf' needs.*wsseg\[crf\]"):
+        parse_recipe({"maps": {"methods": ["gradcam"]}, "pseudo_masks": {"variants": [
+            {"name": "v", "source": "gradcam", "refine": [{"name": "dense_crf"}]}]}})

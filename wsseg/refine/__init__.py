@@ -39,6 +39,9 @@ def guided_filter(activation: np.ndarray, image: np.ndarray, radius: int = 8, ep
     return _normalise(cv2.boxFilter(a, -1, size) * guide + cv2.boxFilter(b, -1, size))
 
 
+guided_filter.uses_image = True
+
+
 @MAP_STEPS.register("bilateral")
 def bilateral(activation: np.ndarray, image: np.ndarray, diameter: int = 9, sigma_colour: float = 0.1,
               sigma_space: float = 15.0, **_) -> np.ndarray:
@@ -49,6 +52,9 @@ def bilateral(activation: np.ndarray, image: np.ndarray, diameter: int = 9, sigm
     stack = np.stack([gray, gray, activation.astype(np.float32) * scale], axis=2)
     smoothed = cv2.bilateralFilter(stack, diameter, sigma_colour, sigma_space)
     return _normalise(smoothed[..., 2] / scale)
+
+
+bilateral.uses_image = True
 
 
 @MAP_STEPS.register("gate")
@@ -103,6 +109,9 @@ def validate_steps(steps, key: str = "pseudo_masks.refine") -> List[str]:
             problems.append(f"{key}.{i}.name: unknown refinement '{step.name}' "
                             f"(valid: {', '.join(MAP_STEPS.names() + MASK_STEPS.names())})")
             continue
+        requires = getattr(registry.get(step.name), "requires", None)
+        if requires is not None and not requires[2]():
+            problems.append(f"{key}.{i}.name: refinement '{step.name}' needs the {requires[0]} package: {requires[1]}")
         accepted = set(inspect.signature(registry.get(step.name)).parameters) - {"activation", "image", "mask",
                                                                                     "other", "_"}
         for option in step.options:
@@ -136,9 +145,12 @@ def threshold_and_clean(activation: np.ndarray, steps, threshold: float, thresho
 
 
 def needs_image(steps) -> bool:
-    return any(s.name in ("guided_filter", "bilateral") for s in steps)
+    return any(getattr(MAP_STEPS.get(s.name), "uses_image", False) for s in steps if s.name in MAP_STEPS)
 
 
 def list_refinements() -> List[str]:
     return MAP_STEPS.names() + MASK_STEPS.names()
 
+
+
+from wsseg.refine import crf as _crf  # noqa: E402,F401  (registers dense_crf)
