@@ -127,6 +127,27 @@ def test_pseudo_mask_source_negatives_band_and_ground_truth(tmp_path):
     assert np.array_equal(truth(0), dataset.load_mask(0).astype(np.uint8))
 
 
+
+def test_pseudo_mask_source_computes_each_mask_once_with_a_cache(tmp_path):
+    dataset = create_dataset(DatasetConfig("synthetic", None, "train", options={"n": 3, "size": 32,
+                                                                                "negative_fraction": 0.0}))
+    maps, cache = tmp_path / "maps", tmp_path / "cache"
+    maps.mkdir()
+    ramp = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (32, 1))
+    for record in dataset.records:
+        np.save(maps / f"{record.stem}.npy", ramp.astype(np.float16))
+    source = pseudo_mask_source(dataset, MaskRule("m", 0.5), {"m": maps}, [0.4, 0.6], cache_dir=cache)
+    first = [source(i) for i in range(len(dataset))]
+    assert sorted(p.name for p in cache.iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    for record in dataset.records:  # the maps change, but the cached masks are what later epochs see
+        np.save(maps / f"{record.stem}.npy", (1 - ramp).astype(np.float16))
+    again = pseudo_mask_source(dataset, MaskRule("m", 0.5), {"m": maps}, [0.4, 0.6], cache_dir=cache)
+    for i in range(len(dataset)):
+        assert np.array_equal(again(i), first[i]) and IGNORE in first[i]
+    fresh = pseudo_mask_source(dataset, MaskRule("m", 0.5), {"m": maps}, [0.4, 0.6])
+    assert fresh(0)[0, 0] == 1 and first[0][0, 0] == 0
+
+
 def test_predict_cli_both_backends(exported, tmp_path):
     from wsseg.cli.main import main
 

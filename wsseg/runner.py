@@ -349,7 +349,9 @@ class RecipeRun:
                             for m in rule.maps_needed}
             upstream = fingerprint([producers[m].fingerprint for m in rule.maps_needed], rule.threshold,
                                    rule.threshold_mode, rule.steps)
-        source = pseudo_mask_source(train_set, rule, map_dirs, seg.ignore_band)
+        source = pseudo_mask_source(train_set, rule, map_dirs, seg.ignore_band,
+                                    cache_dir=None if rule is None else
+                                    self.out_dir / "train_masks" / f"{seg.masks}-{fingerprint(upstream, seg.ignore_band)}")
         out: Dict[str, Path] = {}
         rounds = seg.self_training_rounds
         for round_index in range(rounds + 1):

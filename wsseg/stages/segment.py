@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -41,14 +42,33 @@ def _is_negative(dataset: SegmentationDataset, index: int) -> bool:
 
 def pseudo_mask_source(dataset: SegmentationDataset, rule: Optional[MaskRule] = None,
                        map_dirs: Optional[Dict[str, Path]] = None,
-                       ignore_band: Optional[List[float]] = None) -> Callable[[int], np.ndarray]:
+                       ignore_band: Optional[List[float]] = None,
+                       cache_dir: Optional[Path] = None) -> Callable[[int], np.ndarray]:
     """index -> uint8 mask (0/1, 255 = ignored) from saved maps through `rule`, or the real masks when
     `rule` is None. Images whose image-level label is negative get an empty mask whatever their map shows.
+
+    With `cache_dir`, each mask is computed once and kept as `<index>.png`: refinements such as the dense
+    CRF need the full-size image and would otherwise run again every epoch. The folder must be specific
+    to the rule (the runner names it by the rule's fingerprint).
     """
     def from_ground_truth(index: int) -> np.ndarray:
         return dataset.load_mask(index).astype(np.uint8)
 
     def from_map(index: int) -> np.ndarray:
+        cached = Path(cache_dir) / f"{index:06d}.png" if cache_dir is not None else None
+        if cached is not None and cached.is_file():
+            mask = cv2.imread(str(cached), cv2.IMREAD_UNCHANGED)
+            if mask is not None:
+                return mask
+        mask = compute(index)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.tmp.png")  # data-loader workers write too
+            cv2.imwrite(str(tmp), mask)
+            os.replace(tmp, cached)
+        return mask
+
+    def compute(index: int) -> np.ndarray:
         if _is_negative(dataset, index):
             return np.zeros(dataset.image_size(index), np.uint8)
         activation = rule.activation(dataset, index, map_dirs)
