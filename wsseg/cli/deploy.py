@@ -47,7 +47,65 @@ def add_parser(subparsers) -> None:
     maps.add_argument("--output-stride", type=int, default=16, help="CCAM backbone output stride (16 or 32)")
     maps.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     maps.add_argument("--out", type=Path, help="write the rows as JSON here")
+    _add_map_quality_parser(kinds)
     maps.set_defaults(func=cmd_bench_maps)
+
+
+def _add_map_quality_parser(kinds) -> None:
+    quality = kinds.add_parser(
+        "map-quality", help="which map method, layer, size and threshold rule fits your data (Dice on labelled images)",
+        description="Scores map methods of a trained classifier on a fixed sample of labelled images: mean Dice at "
+                    "fixed thresholds, at each image's Otsu threshold, and with the best threshold per image (oracle). "
+                    "Use training images, never the ones you report on. Candidates are every combination of "
+                    "--methods, --layers, --sizes and --tta.")
+    quality.add_argument("classifier", type=Path, help="a run directory (checkpoints/classifier.pth) or a classifier .pth")
+    quality.add_argument("--dataset", default="kvasir_seg", help="registered dataset name (wsseg list datasets)")
+    quality.add_argument("--root", default="kvasir-seg", help="dataset folder, relative to --data-root")
+    quality.add_argument("--split", default="train")
+    quality.add_argument("--data-root", type=Path, help="folder holding the datasets (default $WSSEG_DATA or ./data)")
+    quality.add_argument("--n-images", type=int, default=60)
+    quality.add_argument("--methods", nargs="+", default=["gradcam", "layercam", "eigencam"])
+    quality.add_argument("--layers", nargs="+", default=["auto"], help="target modules (auto: the last feature layer)")
+    quality.add_argument("--sizes", type=int, nargs="+", default=[224])
+    quality.add_argument("--tta", choices=["off", "on", "both"], default="off",
+                         help="flip + 0.7/1.0 scale averaging")
+    quality.add_argument("--out", type=Path, help="write the scores as JSON here")
+    quality.set_defaults(func=cmd_bench_map_quality)
+
+
+def cmd_bench_map_quality(args) -> int:
+    from itertools import product
+
+    from rich.table import Table
+
+    from wsseg.cli.ui import console, rich_progress
+    from wsseg.config_schema import DatasetConfig
+    from wsseg.data import create_dataset
+    from wsseg.selection import MapCandidate, score_map_methods
+    from wsseg.stages.common import write_json
+
+    checkpoint = args.classifier / "checkpoints" / "classifier.pth" if args.classifier.is_dir() else args.classifier
+    dataset = create_dataset(DatasetConfig(args.dataset, args.root, args.split), args.data_root, key="--dataset")
+    tta = {"off": [False], "on": [True], "both": [False, True]}[args.tta]
+    candidates = [MapCandidate(m, layer, size, t) for m, layer, size, t in product(args.methods, args.layers,
+                                                                                   args.sizes, tta)]
+    with rich_progress() as progress:
+        results = score_map_methods(checkpoint, dataset, candidates, args.n_images, progress=progress)
+    rules = list(results[0].dice)
+    table = Table(title=f"mean Dice of map methods on {min(args.n_images, len(dataset))} images of "
+                        f"{dataset.describe()} (best rule per row in bold)")
+    table.add_column("method@layer size")
+    for rule in rules:
+        table.add_column(rule, justify="right")
+    table.add_column("s", justify="right")
+    for r in results:
+        cells = [f"[bold]{r.dice[k]:.3f}[/bold]" if k == r.best_rule else f"{r.dice[k]:.3f}" for k in rules]
+        table.add_row(r.candidate.label, *cells, f"{r.seconds:.0f}")
+    console.print(table)
+    if args.out:
+        write_json(args.out, [{"candidate": vars(r.candidate), "dice": r.dice, "best_rule": r.best_rule,
+                               "seconds": r.seconds} for r in results])
+    return 0
 
 
 def cmd_export(args) -> int:
