@@ -15,7 +15,7 @@ from wsseg.config_schema import DatasetConfig
 from wsseg.data import create_dataset
 from wsseg.deploy.bench import bench_inference, bench_maps, map_method_callables
 from wsseg.deploy.onnx_export import ProbabilityHead, export_segmenter, read_metadata
-from wsseg.deploy.quantize import quantize_int8
+from wsseg.deploy.quantize import mask_agreement, quantize_int8
 from wsseg.models.segmenter import SegmenterMeta, build_unet, load_segmenter, save_segmenter
 from wsseg.stages.pseudo_masks import MaskRule
 from wsseg.stages.segment import IGNORE, predict_masks, pseudo_mask_source, segmentation_loss
@@ -82,6 +82,28 @@ def test_int8_variant_is_written_and_close(exported, tmp_path):
     x = calibration[0]
     fp32, int8 = Segmenter(report.path, "cpu").run(x), Segmenter(out, "cpu").run(x)
     assert np.abs(fp32 - int8).mean() < 0.1
+    agreement = mask_agreement(report.path, out, calibration)
+    assert 0.5 < agreement["mask_dice_vs_fp32"] <= 1.0 and agreement["mean_abs_prob_diff"] < 0.1
+    assert mask_agreement(report.path, report.path, calibration) == {"mask_dice_vs_fp32": 1.0, "mean_abs_prob_diff": 0.0}
+
+
+def _quantised_nodes(path):
+    import onnx
+
+    return {n.name for n in onnx.load(str(path)).graph.node if n.op_type == "DequantizeLinear"}
+
+
+def test_int8_keep_float_decides_which_nodes_are_quantised(exported, tmp_path):
+    folder, report = exported
+    calibration = [np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)]
+    default = _quantised_nodes(quantize_int8(report.path, tmp_path / "a.onnx", calibration))
+    everything = quantize_int8(report.path, tmp_path / "b.onnx", calibration, keep_float=[])
+    assert read_metadata(everything)["int8_kept_float"] == "[]"
+    everything = _quantised_nodes(everything)
+    in_encoder = lambda nodes: sum("/encoder/" in n for n in nodes)  # noqa: E731
+    assert any("/decoder/" in n for n in default)
+    # Only the encoder outputs that feed the quantised decoder get a (de)quantisation in the default model.
+    assert in_encoder(everything) > 3 * max(1, in_encoder(default)) and len(everything) > len(default)
 
 
 def test_bench_rows_have_ratios(exported):

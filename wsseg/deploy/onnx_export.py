@@ -121,7 +121,8 @@ def export_run_models(run_dir: Path, config, artifacts: Dict[str, Path], data_ro
         if config.int8:
             from wsseg.deploy.quantize import quantize_from_run
 
-            report["unet_int8"] = quantize_from_run(run_dir, config.calibration_images, data_root)
+            report["unet_int8"] = quantize_from_run(run_dir, config.calibration_images, data_root,
+                                                    config.int8_keep_float)
     for name, path in artifacts.items():
         if name != "unet":
             report[name] = export_ccam(path, run_dir / f"{name}.onnx", config.opset).as_dict()
