@@ -18,7 +18,8 @@ class SignedEigenCAM(pgc.EigenCAM):
 
     The sign of an SVD component is arbitrary, so plain EigenCAM inverts some maps and the clip to
     [0, 1] then keeps the background. The salient region is the side with the larger magnitude
-    (Seg-Eigen-CAM's rule). Measured on Kvasir-SEG train images: Dice 0.438 vs 0.429 without it.
+    (Seg-Eigen-CAM's rule). On 60 Kvasir-SEG train images with flip/scale TTA: Otsu Dice 0.433 vs
+    0.425 without the correction.
     """
 
     def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth):
