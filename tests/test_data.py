@@ -71,6 +71,15 @@ def test_class_folders_split_flat_and_positive(class_folders_root):
         create_dataset(DatasetConfig("class_folders", str(class_folders_root), "Test", options={"positive": "polyp"}))
 
 
+def test_class_folders_keeps_only_the_named_folders(class_folders_root):
+    negatives = create_dataset(DatasetConfig("class_folders", str(class_folders_root), "Train",
+                                             options={"positive": "Polyp", "folders": ["Non-Polyp"]}))
+    assert len(negatives) == 4 and negatives.labels.sum() == 0
+    assert negatives.classes == ["not Polyp", "Polyp"]  # labels keep their meaning
+    with pytest.raises(DataError, match=r"folders \['Polip'\] are not class folders"):
+        create_dataset(DatasetConfig("class_folders", str(class_folders_root), "Train", options={"folders": ["Polip"]}))
+
+
 def test_oxford_pets_species_and_border_option(pets_root):
     ds = create_dataset(DatasetConfig("oxford_pets", str(pets_root), "test"))
     assert ds.classes == ["cat", "dog"] and list(ds.labels) == [0, 1]

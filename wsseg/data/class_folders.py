@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from wsseg.data.base import Record, SegmentationDataset, list_images, require_dir
 from wsseg.errors import DataError
@@ -11,11 +11,13 @@ from wsseg.errors import DataError
 
 class ClassFolders(SegmentationDataset):
     """With `positive` set, labels are binary (that folder = 1, every other folder = 0); otherwise one
-    label per folder in sorted order. CP-CHILD uses this layout with `positive: Polyp`."""
+    label per folder in sorted order. CP-CHILD uses this layout with `positive: Polyp`. `folders` keeps only
+    the named class folders (for example `[Non-Polyp]`: negatives only, as empty masks for the U-Net)."""
 
     name = "class_folders"
 
-    def __init__(self, root: Path, split: Optional[str] = None, positive: Optional[str] = None):
+    def __init__(self, root: Path, split: Optional[str] = None, positive: Optional[str] = None,
+                 folders: Optional[List[str]] = None):
         self.root = require_dir(root, "class_folders")
         self.split = split
         base = require_dir(self.root / split, f"class_folders split '{split}'") if split else self.root
@@ -29,7 +31,13 @@ class ClassFolders(SegmentationDataset):
             classes = [f"not {positive}", positive]
         else:
             classes = names
-        files = [(d, p) for d in class_dirs for p in list_images(d)]
+        kept = class_dirs
+        if folders is not None:
+            missing = sorted(set(folders) - set(names))
+            if missing:
+                raise DataError(f"class_folders: folders {missing} are not class folders of {base} (found {names})")
+            kept = [d for d in class_dirs if d.name in folders]
+        files = [(d, p) for d in kept for p in list_images(d)]
         stem_count = {}
         for _, p in files:
             stem_count[p.stem] = stem_count.get(p.stem, 0) + 1
