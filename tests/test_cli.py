@@ -45,6 +45,9 @@ def test_help_explains(capsys):
 
 
 def test_demo_end_to_end_through_cli(tmp_path, capsys):
+    from wsseg.config import load_recipe
+    from wsseg.data import create_dataset
+
     out = tmp_path / "run"
     assert main(["recipe", "run", "demo", "--out", str(out), *tiny_demo_overrides()]) == 0
     printed = capsys.readouterr().out
@@ -73,10 +76,12 @@ def test_demo_end_to_end_through_cli(tmp_path, capsys):
     assert (out / "masks" / "unet").is_dir()
     assert metrics["calibration"]["ccam_cls_calibrated"]["n_images"] == 3
     assert (out / "checkpoints" / "unet_round0.pth").is_file()  # one self-training round before the final U-Net
+    # The U-Net's training maps exist for the positive training images only (negatives get empty masks).
+    train_set = create_dataset(load_recipe(str(out / "config.yaml")).segment.train[0])
+    positives = {r.stem for r in train_set.records if r.label == train_set.positive_index}
+    assert 0 < len(positives) < len(train_set)
+    assert {p.stem for p in (out / "maps_train" / "ccam_cls").glob("*.npy")} == positives
     # The Dice in metrics.json is the Dice of the PNG files on disk.
-    from wsseg.config import load_recipe
-    from wsseg.data import create_dataset
-
     config = load_recipe(str(out / "config.yaml"))
     ds = create_dataset(config.maps.dataset)
     dices = []

@@ -291,18 +291,21 @@ class RecipeRun:
                            fingerprint(digest, ccam_config.inference_backend))
 
     def maps_for(self, name: str, producer: MapProducer, dataset: SegmentationDataset, folder: str,
-                 dataset_config) -> Path:
-        """Maps of one producer on one dataset, sharded across ranks, cached by fingerprint."""
+                 dataset_config, only_positives: bool = False) -> Path:
+        """Maps of one producer on one dataset, sharded across ranks, cached by fingerprint. With
+        `only_positives`, images labelled negative get no map (their pseudo-mask is empty anyway)."""
         out = self.out_dir / folder / name
         maps = self.config.maps
         digest = fingerprint(producer.fingerprint, dataset_config, maps.image_size, maps.tta, self.config.on_bad_image)
+        wanted = [i for i in range(len(dataset))
+                  if not only_positives or dataset.records[i].label == dataset.positive_index]
 
         def compute():
-            log.info("maps: %s on %d images", name, len(dataset))
+            log.info("maps: %s on %d images", name, len(wanted))
             with TTAMaps(producer.build(), maps.tta.hflip, maps.tta.scales) as method:
                 write_maps(method, dataset, out, maps.image_size, producer.mean, producer.std,
                            producer.targets(dataset), self.device, maps.batch_size, maps.num_workers, self.progress,
-                           description=f"maps {name}", indices=dist.shard(range(len(dataset))))
+                           description=f"maps {name}", indices=dist.shard(wanted))
             return str(out)
 
         return Path(self.cached(f"{folder}_{name}", digest, compute, lambda r: [Path(r)]))
@@ -345,7 +348,8 @@ class RecipeRun:
         if seg.masks != "ground_truth":
             rule = self.rules[seg.masks]
             with self.timer("maps_train"):
-                map_dirs = {m: self.maps_for(m, producers[m], train_set, "maps_train", seg.train)
+                map_dirs = {m: self.maps_for(m, producers[m], train_set, "maps_train", seg.train,
+                                             only_positives=True)
                             for m in rule.maps_needed}
             upstream = fingerprint([producers[m].fingerprint for m in rule.maps_needed], rule.threshold,
                                    rule.threshold_mode, rule.steps)
