@@ -31,6 +31,8 @@ def test_semantic_names_checked():
         parse_recipe({"maps": {"methods": ["nope"]}})
     with pytest.raises(ConfigError, match=r"maps.dataset.name: unknown dataset 'imagenet'"):
         parse_recipe({"maps": {"dataset": {"name": "imagenet"}}})
+    with pytest.raises(ConfigError, match=r"classifier.schedule: must be alternate or concat, got 'sometimes'"):
+        parse_recipe({"classifier": {"schedule": "sometimes"}})
 
 
 def test_int_accepted_for_float_but_bool_not_for_int():

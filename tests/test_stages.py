@@ -20,6 +20,28 @@ def test_classifier_alternates_datasets_and_reports_auc(tmp_path):
     assert (tmp_path / "classifier_metrics.json").is_file()
 
 
+def _epoch_lengths(config, tmp_path):
+    """Batches per classifier epoch, read from the progress callback."""
+    lengths = []
+
+    def progress(iterable, total=None, description=""):
+        if description.startswith("classifier epoch"):
+            lengths.append(total)
+        return iterable
+
+    train_classifier(config, BackboneConfig(TINY_MODEL, "none"), tmp_path, "cpu", progress=progress)
+    return lengths
+
+
+def test_classifier_schedule_alternates_or_concatenates(tmp_path):
+    a = DatasetConfig("synthetic", None, "train", options={"n": 16, "size": 32})
+    b = DatasetConfig("synthetic", None, "other", options={"n": 24, "size": 32})
+    common = dict(train=[a, b], image_size=32, epochs=2, batch_size=8, amp=False)
+    # 16 and 24 images in batches of 8, one set per epoch; or all 40 every epoch.
+    assert _epoch_lengths(ClassifierConfig(**common), tmp_path / "alt") == [2, 3]
+    assert _epoch_lengths(ClassifierConfig(schedule="concat", **common), tmp_path / "cat") == [5, 5]
+
+
 def test_ccam_frozen_backbone_phase_leaves_backbone_untouched(tmp_path):
     train = DatasetConfig("synthetic", None, "train", options={"n": 16, "size": 32})
     torch.manual_seed(0)

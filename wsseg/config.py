@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from wsseg.config_schema import RecipeConfig
+from wsseg.config_schema import CLASSIFIER_SCHEDULES, RecipeConfig
 from wsseg.errors import ConfigError, UnknownNameError
 
 _MISSING = object()
@@ -98,6 +98,9 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
         datasets += [(f"classifier.train.{i}", d) for i, d in enumerate(config.classifier.train)]
         if config.classifier.val is not None:
             datasets.append(("classifier.val", config.classifier.val))
+        if config.classifier.schedule not in CLASSIFIER_SCHEDULES:
+            problems.append(f"classifier.schedule: must be {' or '.join(CLASSIFIER_SCHEDULES)}, "
+                            f"got '{config.classifier.schedule}'")
     ccam_names = [c.name for c in config.ccam]
     for i, c in enumerate(config.ccam):
         datasets += [(f"ccam.{i}.train.{j}", d) for j, d in enumerate(c.train)]

@@ -25,11 +25,16 @@ class DatasetConfig:
     options: Dict[str, Any] = field(default_factory=dict)
 
 
+CLASSIFIER_SCHEDULES = ("alternate", "concat")
+
+
 @dataclass
 class ClassifierConfig:
-    """Image-level classifier training. Several train datasets alternate epoch by epoch."""
+    """Image-level classifier training. Several train datasets alternate epoch by epoch (`schedule:
+    alternate`, the paper's schedule) or are read as one set every epoch (`schedule: concat`)."""
 
     train: List[DatasetConfig] = field(default_factory=list)
+    schedule: str = "alternate"
     val: Optional[DatasetConfig] = None
     backbone: Optional[BackboneConfig] = None
     image_size: int = 224

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from wsseg.config_schema import BackboneConfig, ClassifierConfig
 from wsseg.data import create_dataset
-from wsseg.data.base import SegmentationDataset
+from wsseg.data.base import SegmentationDataset, concat_datasets
 from wsseg.data.transforms import TorchDataset, train_transform
 from wsseg.device import autocast, batch_to, seed_everything
 from wsseg.errors import DataError
@@ -88,7 +88,8 @@ def evaluate_classifier(probs: np.ndarray, labels: np.ndarray, positive_index: i
 def train_classifier(config: ClassifierConfig, backbone: BackboneConfig, out_dir: Path, device: torch.device,
                      data_root: Optional[Path] = None, seed: int = 0,
                      progress: ProgressFn = no_progress, state_tag: str = "") -> ClassifierResult:
-    """Train on `config.train` (several datasets alternate epoch by epoch), keep the last checkpoint.
+    """Train on `config.train` (several datasets alternate epoch by epoch, or with `schedule: concat` are
+    read as one set), keep the last checkpoint.
 
     Returns the checkpoint path and held-out metrics (accuracy, ROC AUC) when `config.val` is set.
     """
@@ -102,6 +103,8 @@ def train_classifier(config: ClassifierConfig, backbone: BackboneConfig, out_dir
     for d in train_sets[1:]:
         if len(d.classes) != len(classes):
             raise DataError(f"classifier.train: datasets disagree on the classes ({classes} vs {d.classes})")
+    if config.schedule == "concat":
+        train_sets = [concat_datasets(train_sets)]
     model = build_classifier(backbone.name, backbone.weights, len(classes)).to(device)
     mean, std = normalisation(model)
     meta = ClassifierMeta(backbone.name, list(classes), train_sets[0].positive_index, config.image_size, mean, std)
