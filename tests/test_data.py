@@ -100,6 +100,17 @@ def test_synthetic_is_deterministic_and_has_negatives():
     assert not np.array_equal(a.load_image(0), other.load_image(0))
 
 
+def test_concat_refuses_repeated_stems_and_names_both_datasets():
+    from wsseg.data.base import concat_datasets
+
+    a = create_dataset(DatasetConfig("synthetic", None, "train", options={"n": 4, "size": 32}))
+    b = create_dataset(DatasetConfig("synthetic", None, "val", options={"n": 4, "size": 32}))
+    assert len(concat_datasets([a, b])) == 8
+    again = create_dataset(DatasetConfig("synthetic", None, "train", options={"n": 2, "size": 32, "seed": 3}))
+    with pytest.raises(DataError, match=r"synth_train_00000"):
+        concat_datasets([a, again])
+
+
 def test_unknown_option_and_missing_root_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"maps.dataset.options.colour: unknown option for dataset 'synthetic'"):
         create_dataset(DatasetConfig("synthetic", options={"colour": 1}), key="maps.dataset")

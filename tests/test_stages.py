@@ -34,8 +34,9 @@ def _epoch_lengths(config, tmp_path):
 
 
 def test_classifier_schedule_alternates_or_concatenates(tmp_path):
-    a = DatasetConfig("synthetic", None, "train", options={"n": 16, "size": 32})
-    b = DatasetConfig("synthetic", None, "other", options={"n": 24, "size": 32})
+    # Same split name, so the two sets share file stems (as CP-CHILD-A and -B do): fine for a classifier.
+    a = DatasetConfig("synthetic", None, "train", options={"n": 16, "size": 32, "seed": 1})
+    b = DatasetConfig("synthetic", None, "train", options={"n": 24, "size": 32, "seed": 2})
     common = dict(train=[a, b], image_size=32, epochs=2, batch_size=8, amp=False)
     # 16 and 24 images in batches of 8, one set per epoch; or all 40 every epoch.
     assert _epoch_lengths(ClassifierConfig(**common), tmp_path / "alt") == [2, 3]

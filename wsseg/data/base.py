@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -106,6 +106,14 @@ class ConcatDataset(SegmentationDataset):
     def __init__(self, parts: List[SegmentationDataset]):
         self.parts = parts
         self.index = [(p, i) for p in parts for i in range(len(p))]
+        seen: Dict[str, SegmentationDataset] = {}
+        for part in parts:
+            for record in part.records:
+                first = seen.setdefault(record.stem, part)
+                if first is not part:
+                    raise DataError(f"{first.describe()} and {part.describe()} both have an image named "
+                                    f"'{record.stem}': maps and masks are saved by file stem, so the stems of "
+                                    "datasets read together must differ")
         super().__init__([p.records[i] for p, i in self.index], parts[0].classes, parts[0].positive_index)
 
     def describe(self) -> str:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from wsseg.config_schema import BackboneConfig, ClassifierConfig
 from wsseg.data import create_dataset
-from wsseg.data.base import SegmentationDataset, concat_datasets
+from wsseg.data.base import SegmentationDataset
 from wsseg.data.transforms import TorchDataset, train_transform
 from wsseg.device import autocast, batch_to, seed_everything
 from wsseg.errors import DataError
@@ -103,15 +103,14 @@ def train_classifier(config: ClassifierConfig, backbone: BackboneConfig, out_dir
     for d in train_sets[1:]:
         if len(d.classes) != len(classes):
             raise DataError(f"classifier.train: datasets disagree on the classes ({classes} vs {d.classes})")
-    if config.schedule == "concat":
-        train_sets = [concat_datasets(train_sets)]
     model = build_classifier(backbone.name, backbone.weights, len(classes)).to(device)
     mean, std = normalisation(model)
     meta = ClassifierMeta(backbone.name, list(classes), train_sets[0].positive_index, config.image_size, mean, std)
     transform = train_transform(config.image_size, mean, std, config.vertical_flip)
-    loaders = [training_loader(TorchDataset(d, transform, max_side=2 * config.image_size), config.batch_size,
-                               config.num_workers, seed + i)
-               for i, d in enumerate(train_sets)]
+    parts = [TorchDataset(d, transform, max_side=2 * config.image_size) for d in train_sets]
+    if config.schedule == "concat":  # torch's concat: file stems may repeat across sets, unlike maps' folders
+        parts = [torch.utils.data.ConcatDataset(parts)]
+    loaders = [training_loader(part, config.batch_size, config.num_workers, seed + i) for i, part in enumerate(parts)]
     # Several datasets alternate epoch by epoch (the paper's schedule for pets and polyps).
     loader = loaders[0] if len(loaders) == 1 else AlternatingLoader(loaders)
     steps = sum(len(loaders[e % len(loaders)]) for e in range(config.epochs))
