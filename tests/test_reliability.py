@@ -160,6 +160,23 @@ def test_resume_skips_finished_stages(tmp_path, capsys):
     assert "unet" not in third["resumed_skipped_stages"] and "classifier" in third["resumed_skipped_stages"]
 
 
+def test_fingerprint_ignores_options_left_at_their_defaults():
+    from dataclasses import field, make_dataclass
+
+    from wsseg.runner import fingerprint
+
+    older = make_dataclass("Section", [("epochs", int, field(default=1)), ("train", list, field(default_factory=list))])
+    newer = make_dataclass("Section", [("epochs", int, field(default=1)), ("train", list, field(default_factory=list)),
+                                       ("schedule", str, field(default="alternate"))])
+    # A run written before an option existed resumes under the version that adds it...
+    assert fingerprint(older(epochs=3), 0) == fingerprint(newer(epochs=3), 0)
+    assert fingerprint([older(train=[older()])]) == fingerprint([newer(train=[newer()])])
+    # ...while every change of value, new option or old, still counts.
+    assert fingerprint(newer(epochs=3, schedule="concat"), 0) != fingerprint(newer(epochs=3), 0)
+    assert fingerprint(newer(train=[newer(epochs=2)])) != fingerprint(newer(train=[newer()]))
+    assert fingerprint(ClassifierConfig(schedule="concat")) != fingerprint(ClassifierConfig())
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def _write_bad_files(folder: Path) -> dict:

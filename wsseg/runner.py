@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -80,9 +80,28 @@ class StageTimer:
 
 
 def fingerprint(*parts: Any) -> str:
-    text = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True,
-                      default=str)
+    """Hash of a stage's inputs. Config fields left at their defaults are left out, so that a wsseg
+    version adding an option (with a default that keeps the old behaviour) still resumes older runs."""
+    text = json.dumps([_without_defaults(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _without_defaults(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        kept = {}
+        for f in fields(value):
+            item = getattr(value, f.name)
+            if f.default is not MISSING and item == f.default:
+                continue
+            if f.default_factory is not MISSING and item == f.default_factory():
+                continue
+            kept[f.name] = _without_defaults(item)
+        return kept
+    if isinstance(value, (list, tuple)):
+        return [_without_defaults(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _without_defaults(v) for k, v in value.items()}
+    return value
 
 
 def prepare_run_dir(out_dir: Path, overwrite: bool = False, resume: bool = False) -> Path:
