@@ -107,3 +107,55 @@ def test_eigencam_sign_puts_the_salient_region_on_top():
         activations[0, :, 2:5, 2:5] += rng.normal(3, 0.5, (16, 1, 1))  # a strong feature vector on a blob
         projection = SignedEigenCAM.get_cam_image(None, None, None, None, activations, None, False)[0]
         assert projection[2:5, 2:5].mean() > 0 > projection[6:, 6:].mean()
+
+
+class _Features(torch.nn.Module):
+    """A 'network' whose features are its input: the test controls the feature maps exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def _blob_scenes(seed, n=6, size=16):
+    """Feature maps with a mucosa-like background (channels 1-2) and a recurring object (channel 0) at a
+    random place in each image; some images also carry a bright one-off distractor (channel 3)."""
+    rng = np.random.default_rng(seed)
+    images, blobs = np.zeros((n, 4, size, size), np.float32), np.zeros((n, size, size), bool)
+    for i in range(n):
+        images[i, 1] = 1 + rng.normal(0, 0.1, (size, size))
+        images[i, 2] = 0.5 + rng.normal(0, 0.1, (size, size))
+        y, x = rng.integers(0, size - 5, 2)
+        blobs[i, y:y + 5, x:x + 5] = True
+        images[i, 0][blobs[i]] = 3 + rng.normal(0, 0.2, 25)
+        images[i, 1:3][:, blobs[i]] = 0
+        if i % 2:
+            images[i, 3, 0:2, 0:2] = 2
+    return torch.from_numpy(images), blobs
+
+
+def test_feature_factorization_maps_the_concept_every_image_shares():
+    from wsseg.cams import FeatureFactorization
+
+    fit_images, _ = _blob_scenes(seed=0)
+    new_images, blobs = _blob_scenes(seed=1)  # not seen when fitting: mapped with the fitted concepts
+    with FeatureFactorization(_Features(), target_layer="features", n_concepts=2) as method:
+        assert method.needs_fit
+        method.fit([fit_images[:3], fit_images[3:]])
+        maps = method.compute(new_images)
+    assert maps.shape == (6, 16, 16) and maps.dtype == np.float32 and maps.min() >= 0 and maps.max() <= 1
+    assert method.concept_agreement[method.concept] == np.nanmax(method.concept_agreement)
+    for activation, blob in zip(maps, blobs):
+        assert activation[blob].mean() > 0.8 and activation[~blob].mean() < 0.2
+
+
+def test_feature_factorization_needs_two_concepts_and_a_real_layer():
+    from wsseg.cams import FeatureFactorization
+
+    with pytest.raises(ValueError, match="at least 2"):
+        FeatureFactorization(_Features(), target_layer="features", n_concepts=1)
+    with pytest.raises(ValueError, match="no module 'layer9'.*features"):
+        FeatureFactorization(_Features(), target_layer="layer9")

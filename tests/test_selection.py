@@ -67,9 +67,12 @@ def test_bench_map_quality_cli_prints_and_writes(tmp_path, capsys):
     save_classifier(checkpoint, build_classifier(TINY_MODEL, "none", 2), ClassifierMeta(TINY_MODEL, ["bg", "obj"], 1, 64))
     out = tmp_path / "scores.json"
     code = main(["bench", "map-quality", str(checkpoint), "--dataset", "synthetic", "--split", "val", "--n-images", "3",
-                 "--methods", "gradcam", "eigencam", "--sizes", "64", "--out", str(out)])
+                 "--methods", "gradcam", "dff", "--sizes", "64", "--tta", "both", "--tta-scales", "1.0", "1.25",
+                 "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "gradcam@auto 64px" in printed and "oracle" in printed
     rows = json.loads(out.read_text())
-    assert {r["candidate"]["method"] for r in rows} == {"gradcam", "eigencam"} and rows[0]["best_rule"] in rows[0]["dice"]
+    assert {(r["candidate"]["method"], r["candidate"]["tta"]) for r in rows} == {
+        ("gradcam", False), ("gradcam", True), ("dff", False), ("dff", True)}
+    assert all(r["candidate"]["tta_scales"] == [1.0, 1.25] and r["best_rule"] in r["dice"] for r in rows)

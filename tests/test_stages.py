@@ -61,3 +61,30 @@ def test_ccam_frozen_backbone_phase_leaves_backbone_untouched(tmp_path):
     result = train_ccam(head_moved, BackboneConfig(TINY_MODEL, "none"), tmp_path / "b", "cpu", seed=0)
     model, _ = load_ccam(result.checkpoint)
     assert not all(torch.equal(initial[k], v) for k, v in model.backbone.state_dict().items())
+
+
+class _RecordingMethod:
+    """Stands in for a map method: records the image batches `fit` sees."""
+
+    def __init__(self, needs_fit):
+        self.needs_fit, self.fitted = needs_fit, []
+
+    def fit(self, batches):
+        self.fitted = [(b.shape[0], round(float(b.sum()), 3)) for b in batches]
+        return self
+
+
+def test_fit_map_method_fits_only_methods_that_learn_on_a_fixed_sample():
+    from wsseg.data import create_dataset
+    from wsseg.stages.maps import fit_map_method
+
+    dataset = create_dataset(DatasetConfig("synthetic", None, "train", options={"n": 12, "size": 32}))
+    plain = fit_map_method(_RecordingMethod(False), dataset, range(12), 32, (0.5,) * 3, (0.5,) * 3, "cpu")
+    assert plain.fitted == []
+    seen = []
+    for _ in range(2):
+        method = fit_map_method(_RecordingMethod(True), dataset, range(12), 32, (0.5,) * 3, (0.5,) * 3, "cpu",
+                                batch_size=4, max_images=7)
+        seen.append(method.fitted)
+    assert [n for n, _ in seen[0]] == [4, 3]  # at most max_images
+    assert seen[0] == seen[1]  # the same images every time (every rank fits the same model)

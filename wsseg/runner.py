@@ -37,7 +37,7 @@ from wsseg.stages.ccam import load_ccam, train_ccam
 from wsseg.stages.classifier import predict_probabilities, train_classifier
 from wsseg.stages.common import write_json
 from wsseg.stages.evaluate import evaluate_mask_dir, write_per_image_csv
-from wsseg.stages.maps import choose_targets, write_maps
+from wsseg.stages.maps import choose_targets, fit_map_method, write_maps
 from wsseg.stages.pseudo_masks import MaskRule, calibrate_threshold, make_reference_masks, write_rule_masks
 
 log = logging.getLogger("wsseg")
@@ -322,6 +322,8 @@ class RecipeRun:
         def compute():
             log.info("maps: %s on %d images", name, len(wanted))
             with TTAMaps(producer.build(), maps.tta.hflip, maps.tta.scales) as method:
+                fit_map_method(method, dataset, wanted, maps.image_size, producer.mean, producer.std, self.device,
+                               maps.batch_size, maps.num_workers)
                 write_maps(method, dataset, out, maps.image_size, producer.mean, producer.std,
                            producer.targets(dataset), self.device, maps.batch_size, maps.num_workers, self.progress,
                            description=f"maps {name}", indices=dist.shard(wanted))

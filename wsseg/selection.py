@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from wsseg.models.classifier import load_classifier
 from wsseg.progress import ProgressFn, no_progress
 from wsseg.refine import otsu_threshold
 from wsseg.stages.common import eval_loader
+from wsseg.stages.maps import fit_map_method
 from wsseg.stages.pseudo_masks import resize_map
 
 TTA_SCALES = (0.7, 1.0)
@@ -36,11 +37,13 @@ class MapCandidate:
     method: str
     layer: str = "auto"
     image_size: int = 224
-    tta: bool = False  # horizontal flip and scales TTA_SCALES, averaged
+    tta: bool = False  # horizontal flip and `tta_scales`, averaged
+    tta_scales: Tuple[float, ...] = TTA_SCALES
 
     @property
     def label(self) -> str:
-        return f"{self.method}@{self.layer} {self.image_size}px{' tta' if self.tta else ''}"
+        tta = f" tta {'/'.join(f'{s:g}' for s in self.tta_scales)}" if self.tta else ""
+        return f"{self.method}@{self.layer} {self.image_size}px{tta}"
 
 
 @dataclass
@@ -94,9 +97,10 @@ def score_map_methods(classifier: Path, dataset: SegmentationDataset, candidates
         start = time.perf_counter()
         method = create_map_method(candidate.method, model=model, target_layer=candidate.layer)
         if candidate.tta:
-            method = TTAMaps(method, hflip=True, scales=TTA_SCALES)
+            method = TTAMaps(method, hflip=True, scales=candidate.tta_scales)
         maps: Dict[int, np.ndarray] = {}
         with method:
+            fit_map_method(method, dataset, indices, candidate.image_size, meta.mean, meta.std, device, batch_size)
             for batch in eval_loader(dataset, candidate.image_size, meta.mean, meta.std, batch_size, indices):
                 batch_indices = batch["index"].tolist()
                 computed = method.compute(batch["image"].to(device), [meta.positive_index] * len(batch_indices))

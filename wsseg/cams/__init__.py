@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from wsseg._registry import Registry
 from wsseg.cams.base import MapMethod, find_last_feature_layer
+from wsseg.cams.factorization import FeatureFactorization
 from wsseg.cams.gradcam_family import GRADCAM_CLASSES, GradCamFamily
 
 MAP_METHODS: Registry = Registry("map method")
@@ -21,6 +22,14 @@ for _name in GRADCAM_CLASSES:
     MAP_METHODS.register(_name)(_gradcam_builder(_name))
 
 
+@MAP_METHODS.register("dff")
+def _feature_factorization(model=None, target_layer: str = "auto", **_):
+    return FeatureFactorization(model, target_layer)
+
+
+_feature_factorization.requires_classifier = True
+
+
 def list_map_methods():
     return MAP_METHODS.names()
 
@@ -34,5 +43,5 @@ def requires_classifier(name: str) -> bool:
     return getattr(MAP_METHODS.get(name), "requires_classifier", True)
 
 
-__all__ = ["MAP_METHODS", "MapMethod", "create_map_method", "find_last_feature_layer", "list_map_methods",
+__all__ = ["MAP_METHODS", "FeatureFactorization", "MapMethod", "create_map_method", "find_last_feature_layer", "list_map_methods",
            "requires_classifier"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,12 @@ class MapMethod(ABC):
 
     #: Built from the image-level classifier (Grad-CAM family) or from a model of its own (CCAM).
     requires_classifier = True
+    #: Learns something from the image set before mapping it (feature factorisation): call `fit` first.
+    needs_fit = False
+
+    def fit(self, batches: Iterable[torch.Tensor]) -> "MapMethod":
+        """Learn from batches of normalised images (those to be mapped, or a sample); most methods need nothing."""
+        return self
 
     @abstractmethod
     def compute(self, images: torch.Tensor, targets: Sequence[int]) -> np.ndarray:

@@ -19,6 +19,12 @@ class TTAMaps(MapMethod):
         self.hflip = hflip
         self.scales = list(scales) or [1.0]
         self.requires_classifier = method.requires_classifier
+        self.needs_fit = method.needs_fit
+
+    def fit(self, batches):
+        """Fitted on the images as given (no augmentation): the augmented views are mapped with it."""
+        self.method.fit(batches)
+        return self
 
     def compute(self, images: torch.Tensor, targets: Sequence[int] = ()) -> np.ndarray:
         height, width = images.shape[-2:]

@@ -71,7 +71,9 @@ def _add_map_quality_parser(kinds) -> None:
     quality.add_argument("--layers", nargs="+", default=["auto"], help="target modules (auto: the last feature layer)")
     quality.add_argument("--sizes", type=int, nargs="+", default=[224])
     quality.add_argument("--tta", choices=["off", "on", "both"], default="off",
-                         help="flip + 0.7/1.0 scale averaging")
+                         help="maps averaged over a horizontal flip and --tta-scales")
+    quality.add_argument("--tta-scales", type=float, nargs="+", default=[0.7, 1.0], metavar="SCALE",
+                         help="input scales averaged with --tta (default: 0.7 1.0)")
     quality.add_argument("--out", type=Path, help="write the scores as JSON here")
     quality.set_defaults(func=cmd_bench_map_quality)
 
@@ -90,8 +92,8 @@ def cmd_bench_map_quality(args) -> int:
     checkpoint = args.classifier / "checkpoints" / "classifier.pth" if args.classifier.is_dir() else args.classifier
     dataset = create_dataset(DatasetConfig(args.dataset, args.root, args.split), args.data_root, key="--dataset")
     tta = {"off": [False], "on": [True], "both": [False, True]}[args.tta]
-    candidates = [MapCandidate(m, layer, size, t) for m, layer, size, t in product(args.methods, args.layers,
-                                                                                   args.sizes, tta)]
+    candidates = [MapCandidate(m, layer, size, t, tuple(args.tta_scales))
+                  for m, layer, size, t in product(args.methods, args.layers, args.sizes, tta)]
     with rich_progress() as progress:
         results = score_map_methods(checkpoint, dataset, candidates, args.n_images, progress=progress)
     rules = list(results[0].dice)

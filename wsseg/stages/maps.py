@@ -42,6 +42,25 @@ def choose_targets(mode: str, dataset: SegmentationDataset, positive_index: int,
     raise ValueError(f"maps.target: unknown mode '{mode}' (valid: positive, label, predicted)")
 
 
+#: Images a fitted map method (feature factorisation) learns from: a fixed sample beyond this many.
+FIT_IMAGES = 256
+
+
+def fit_map_method(method: MapMethod, dataset: SegmentationDataset, indices: Sequence[int], image_size: int,
+                   mean: Sequence[float], std: Sequence[float], device: torch.device, batch_size: int = 16,
+                   num_workers: int = 0, max_images: int = FIT_IMAGES) -> MapMethod:
+    """Fit `method` on the images it will map (a fixed sample of at most `max_images`), if it learns at all.
+
+    Every rank passes the same `indices` (not its shard), so all ranks fit the same model."""
+    if not method.needs_fit:
+        return method
+    indices = list(indices)
+    if len(indices) > max_images:
+        indices = sorted(int(i) for i in np.random.RandomState(0).choice(indices, max_images, replace=False))
+    loader = eval_loader(dataset, image_size, mean, std, batch_size, indices, num_workers)
+    return method.fit(batch["image"].to(device) for batch in loader)
+
+
 def write_maps(method: MapMethod, dataset: SegmentationDataset, out_dir: Path, image_size: int,
                mean: Sequence[float], std: Sequence[float], targets: np.ndarray, device: torch.device,
                batch_size: int = 16, num_workers: int = 0, progress: ProgressFn = no_progress,
