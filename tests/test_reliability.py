@@ -160,6 +160,35 @@ def test_resume_skips_finished_stages(tmp_path, capsys):
     assert "unet" not in third["resumed_skipped_stages"] and "classifier" in third["resumed_skipped_stages"]
 
 
+def test_fitted_maps_learn_from_maps_fit_dataset_and_refit_when_it_changes(tmp_path, monkeypatch):
+    import wsseg.runner
+
+    fitted = []
+
+    def recording_fit(method, dataset, indices, *args, **kwargs):
+        fitted.append((dataset.split, len(indices)))
+        return original(method, dataset, indices, *args, **kwargs)
+
+    original = wsseg.runner.fit_map_method
+    monkeypatch.setattr(wsseg.runner, "fit_map_method", recording_fit)
+    out = tmp_path / "run"
+    fit_set = "{name: synthetic, split: fitset, options: {n: 10, size: 64}}"
+    overrides = tiny_demo_overrides(("gradcam", "dff")) + [
+        "segment.masks=dff", "export.enabled=false", "pseudo_masks.variants=[]", "segment.self_training_rounds=0",
+        f"maps.fit_dataset={fit_set}"]
+    assert main(["recipe", "run", "demo", "--out", str(out), *overrides]) == 0
+    positives = create_dataset(DatasetConfig("synthetic", None, "fitset", options={"n": 10, "size": 64})).labels.sum()
+    # Only dff learns; the val maps, calibration maps and U-Net training maps all fit on the fit set's positives.
+    assert fitted and set(fitted) == {("fitset", int(positives))}
+    assert 0 <= json.loads((out / "metrics.json").read_text())["dff"]["dice"] <= 1
+    fitted.clear()
+    assert main(["recipe", "run", "--resume", str(out), "maps.fit_dataset.options.n=12"]) == 0
+    assert fitted and set(fitted) == {("fitset", int(create_dataset(DatasetConfig(
+        "synthetic", None, "fitset", options={"n": 12, "size": 64})).labels.sum()))}
+    skipped = json.loads((out / "metrics.json").read_text())["resumed_skipped_stages"]
+    assert "classifier" in skipped and "maps_gradcam" not in skipped  # fingerprint changed: maps rerun
+
+
 def test_fingerprint_ignores_options_left_at_their_defaults():
     from dataclasses import field, make_dataclass
 

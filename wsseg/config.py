@@ -94,6 +94,8 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
 
     problems = []
     datasets = [("maps.dataset", config.maps.dataset)]
+    if config.maps.fit_dataset is not None:
+        datasets.append(("maps.fit_dataset", config.maps.fit_dataset))
     if config.classifier is not None:
         datasets += [(f"classifier.train.{i}", d) for i, d in enumerate(config.classifier.train)]
         if config.classifier.val is not None:

@@ -67,6 +67,8 @@ class MapsConfig:
     target_layer: str = "auto"
     num_workers: int = 0
     tta: TTAConfig = field(default_factory=TTAConfig)
+    # Images that fitted methods (`dff`) learn from, e.g. the training set; unset: the images being mapped.
+    fit_dataset: Optional[DatasetConfig] = None
 
 
 @dataclass

@@ -315,21 +315,36 @@ class RecipeRun:
         `only_positives`, images labelled negative get no map (their pseudo-mask is empty anyway)."""
         out = self.out_dir / folder / name
         maps = self.config.maps
-        digest = fingerprint(producer.fingerprint, dataset_config, maps.image_size, maps.tta, self.config.on_bad_image)
+        fit_part = [] if maps.fit_dataset is None else [maps.fit_dataset]  # unset: fingerprints as before
+        digest = fingerprint(producer.fingerprint, dataset_config, maps.image_size, maps.tta, self.config.on_bad_image,
+                             *fit_part)
         wanted = [i for i in range(len(dataset))
                   if not only_positives or dataset.records[i].label == dataset.positive_index]
 
         def compute():
             log.info("maps: %s on %d images", name, len(wanted))
             with TTAMaps(producer.build(), maps.tta.hflip, maps.tta.scales) as method:
-                fit_map_method(method, dataset, wanted, maps.image_size, producer.mean, producer.std, self.device,
-                               maps.batch_size, maps.num_workers)
+                if method.needs_fit:
+                    fit_set, fit_indices = self.fit_images(dataset, wanted)
+                    fit_map_method(method, fit_set, fit_indices, maps.image_size, producer.mean, producer.std,
+                                   self.device, maps.batch_size, maps.num_workers)
                 write_maps(method, dataset, out, maps.image_size, producer.mean, producer.std,
                            producer.targets(dataset), self.device, maps.batch_size, maps.num_workers, self.progress,
                            description=f"maps {name}", indices=dist.shard(wanted))
             return str(out)
 
         return Path(self.cached(f"{folder}_{name}", digest, compute, lambda r: [Path(r)]))
+
+    def fit_images(self, dataset: SegmentationDataset, wanted: List[int]):
+        """What fitted map methods learn from: `maps.fit_dataset`'s positive images, or the images being mapped.
+        A fixed, larger set (the training images) gives every mapped set the same, better-fitted concepts."""
+        if self.config.maps.fit_dataset is None:
+            return dataset, wanted
+        fit_set = self.dataset(self.config.maps.fit_dataset, "maps.fit_dataset")
+        positives = [i for i in range(len(fit_set)) if fit_set.records[i].label == fit_set.positive_index]
+        if not positives:
+            raise ConfigError(f"maps.fit_dataset: {fit_set.describe()} has no positive images to fit on")
+        return fit_set, positives
 
     def mask_rules(self, producers: Dict[str, MapProducer]) -> Dict[str, MaskRule]:
         """One rule per map method (plain threshold) and per refined variant (calibrated if asked)."""
