@@ -158,6 +158,10 @@ def test_resume_skips_finished_stages(tmp_path, capsys):
     assert main(["recipe", "run", "--resume", str(out), "segment.epochs=2"]) == 0
     third = json.loads((out / "metrics.json").read_text())
     assert "unet" not in third["resumed_skipped_stages"] and "classifier" in third["resumed_skipped_stages"]
+    # Maps made another way are other training masks: the U-Net trains again, not only the maps.
+    assert main(["recipe", "run", "--resume", str(out), "segment.epochs=2", "maps.tta.hflip=true"]) == 0
+    fourth = json.loads((out / "metrics.json").read_text())
+    assert "unet" not in fourth["resumed_skipped_stages"] and "classifier" in fourth["resumed_skipped_stages"]
 
 
 def test_fitted_maps_learn_from_maps_fit_dataset_and_refit_when_it_changes(tmp_path, monkeypatch):

@@ -315,9 +315,7 @@ class RecipeRun:
         `only_positives`, images labelled negative get no map (their pseudo-mask is empty anyway)."""
         out = self.out_dir / folder / name
         maps = self.config.maps
-        fit_part = [] if maps.fit_dataset is None else [maps.fit_dataset]  # unset: fingerprints as before
-        digest = fingerprint(producer.fingerprint, dataset_config, maps.image_size, maps.tta, self.config.on_bad_image,
-                             *fit_part)
+        digest = self.maps_digest(producer, dataset_config)
         wanted = [i for i in range(len(dataset))
                   if not only_positives or dataset.records[i].label == dataset.positive_index]
 
@@ -334,6 +332,13 @@ class RecipeRun:
             return str(out)
 
         return Path(self.cached(f"{folder}_{name}", digest, compute, lambda r: [Path(r)]))
+
+    def maps_digest(self, producer: MapProducer, dataset_config) -> str:
+        """Everything a producer's maps of one dataset depend on (what the stage cache and the U-Net key on)."""
+        maps = self.config.maps
+        fit_part = [] if maps.fit_dataset is None else [maps.fit_dataset]  # unset: fingerprints as before
+        return fingerprint(producer.fingerprint, dataset_config, maps.image_size, maps.tta, self.config.on_bad_image,
+                           *fit_part)
 
     def fit_images(self, dataset: SegmentationDataset, wanted: List[int]):
         """What fitted map methods learn from: `maps.fit_dataset`'s positive images, or the images being mapped.
@@ -387,8 +392,9 @@ class RecipeRun:
                 map_dirs = {m: self.maps_for(m, producers[m], train_set, "maps_train", seg.train,
                                              only_positives=True)
                             for m in rule.maps_needed}
-            upstream = fingerprint([producers[m].fingerprint for m in rule.maps_needed], rule.threshold,
-                                   rule.threshold_mode, rule.steps)
+            # The maps' own digests: a change of size, TTA or fit set must retrain the U-Net, not just remap.
+            upstream = fingerprint([self.maps_digest(producers[m], seg.train) for m in rule.maps_needed],
+                                   rule.threshold, rule.threshold_mode, rule.steps)
         source = pseudo_mask_source(train_set, rule, map_dirs, seg.ignore_band,
                                     cache_dir=None if rule is None else
                                     self.out_dir / "train_masks" / f"{seg.masks}-{fingerprint(upstream, seg.ignore_band)}")
