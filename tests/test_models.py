@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -159,3 +161,20 @@ def test_feature_factorization_needs_two_concepts_and_a_real_layer():
         FeatureFactorization(_Features(), target_layer="features", n_concepts=1)
     with pytest.raises(ValueError, match="no module 'layer9'.*features"):
         FeatureFactorization(_Features(), target_layer="layer9")
+
+
+def test_feature_factorization_warns_when_two_concepts_agree_equally(caplog):
+    from wsseg.cams import FeatureFactorization
+
+    clear, blobs = _blob_scenes(seed=0)
+    twin = clear.clone()
+    for i, blob in enumerate(blobs):  # a second, equally strong object: which one is "the" object is ambiguous
+        mirrored = torch.from_numpy(blob[::-1, ::-1].copy())
+        twin[i, 3] = 0
+        twin[i, 3][mirrored] = 3
+        twin[i, 1:3][:, mirrored] = 0
+    for images, ambiguous in [(clear, False), (twin, True)]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="wsseg"):
+            FeatureFactorization(_Features(), target_layer="features").fit([images])
+        assert any("about equally" in r.getMessage() for r in caplog.records) == ambiguous
