@@ -35,6 +35,18 @@ def test_semantic_names_checked():
         parse_recipe({"classifier": {"schedule": "sometimes"}})
 
 
+def test_map_method_options_checked_against_the_method():
+    config = parse_recipe({"maps": {"methods": ["gradcam", "dff"], "method_options": {"dff": {"n_concepts": 4}}}})
+    assert config.maps.method_options == {"dff": {"n_concepts": 4}}
+    with pytest.raises(ConfigError, match=r"maps.method_options.dff.n_concept: unknown option "
+                                          r"\(valid for dff: n_concepts, max_iter\)"):
+        parse_recipe({"maps": {"methods": ["dff"], "method_options": {"dff": {"n_concept": 4}}}})
+    with pytest.raises(ConfigError, match=r"maps.method_options.gradcam.alpha: unknown option \(valid for gradcam: none\)"):
+        parse_recipe({"maps": {"methods": ["gradcam"], "method_options": {"gradcam": {"alpha": 1}}}})
+    with pytest.raises(ConfigError, match=r"maps.method_options.dff: 'dff' is not one of maps.methods \(gradcam\)"):
+        parse_recipe({"maps": {"methods": ["gradcam"], "method_options": {"dff": {"n_concepts": 4}}}})
+
+
 def test_int_accepted_for_float_but_bool_not_for_int():
     config = parse_recipe({"pseudo_masks": {"threshold": 1}})
     assert config.pseudo_masks.threshold == 1.0

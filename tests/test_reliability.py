@@ -170,6 +170,7 @@ def test_fitted_maps_learn_from_maps_fit_dataset_and_refit_when_it_changes(tmp_p
     fitted = []
 
     def recording_fit(method, dataset, indices, *args, **kwargs):
+        assert method.method.n_concepts == 2  # from maps.method_options (TTAMaps wraps the method)
         fitted.append((dataset.split, len(indices)))
         return original(method, dataset, indices, *args, **kwargs)
 
@@ -179,7 +180,7 @@ def test_fitted_maps_learn_from_maps_fit_dataset_and_refit_when_it_changes(tmp_p
     fit_set = "{name: synthetic, split: fitset, options: {n: 10, size: 64}}"
     overrides = tiny_demo_overrides(("gradcam", "dff")) + [
         "segment.masks=dff", "export.enabled=false", "pseudo_masks.variants=[]", "segment.self_training_rounds=0",
-        f"maps.fit_dataset={fit_set}"]
+        f"maps.fit_dataset={fit_set}", "maps.method_options={dff: {n_concepts: 2}}"]
     assert main(["recipe", "run", "demo", "--out", str(out), *overrides]) == 0
     positives = create_dataset(DatasetConfig("synthetic", None, "fitset", options={"n": 10, "size": 64})).labels.sum()
     # Only dff learns; the val maps, calibration maps and U-Net training maps all fit on the fit set's positives.

@@ -87,7 +87,7 @@ def parse_recipe(data: Dict[str, Any], source: Optional[str] = None) -> RecipeCo
 
 def _semantic_problems(config: RecipeConfig) -> List[str]:
     """Names that must exist in a registry, checked up front so a run fails in seconds, not hours."""
-    from wsseg.cams import list_map_methods
+    from wsseg.cams import list_map_methods, map_method_options
     from wsseg.data import list_datasets
     from wsseg.refine import validate_steps
     from wsseg.stages.references import list_reference_producers
@@ -159,6 +159,17 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
         if m not in valid_methods:
             problems.append(f"maps.methods.{i}: unknown map method '{m}' (valid: {', '.join(valid_methods)}; "
                             "CCAM variants are named by the ccam section)")
+    for m, options in config.maps.method_options.items():
+        key = f"maps.method_options.{m}"
+        if m not in config.maps.methods:
+            problems.append(f"{key}: '{m}' is not one of maps.methods ({', '.join(config.maps.methods)})")
+        elif m in ccam_names:
+            problems.append(f"{key}: CCAM variants take their options in the ccam section")
+        elif m in list_map_methods():
+            valid = map_method_options(m)
+            for option in (options or {}):
+                if option not in valid:
+                    problems.append(f"{key}.{option}: unknown option (valid for {m}: {', '.join(valid) or 'none'})")
     for i, r in enumerate(config.evaluate.references):
         if r not in list_reference_producers():
             problems.append(

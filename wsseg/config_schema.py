@@ -69,6 +69,8 @@ class MapsConfig:
     tta: TTAConfig = field(default_factory=TTAConfig)
     # Images that fitted methods (`dff`) learn from, e.g. the training set; unset: the images being mapped.
     fit_dataset: Optional[DatasetConfig] = None
+    # Per-method options, e.g. {dff: {n_concepts: 4}}; `wsseg list maps` shows what each takes.
+    method_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

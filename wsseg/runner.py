@@ -260,10 +260,12 @@ class RecipeRun:
                 return choose_targets(config.maps.target, dataset, meta.positive_index, predicted)
 
             for name in cam_methods:
+                options = config.maps.method_options.get(name) or {}
                 producers[name] = MapProducer(
-                    lambda name=name: create_map_method(name, model=model, target_layer=config.maps.target_layer),
+                    lambda name=name, options=options: create_map_method(
+                        name, model=model, target_layer=config.maps.target_layer, **options),
                     meta.mean, meta.std, targets, fingerprint(classifier_fp, name, config.maps.target,
-                                                              config.maps.target_layer))
+                                                              config.maps.target_layer, *([options] if options else [])))
         for name, ccam_config in ccam_configs.items():
             with self.timer(name):
                 producers[name] = self.train_ccam(ccam_config, classifier_fp)

@@ -12,7 +12,7 @@ from wsseg.errors import WssegError
 
 
 def cmd_list(args) -> int:
-    from wsseg.cams import list_map_methods
+    from wsseg.cams import list_map_methods, map_method_options
     from wsseg.cli.ui import console
     from wsseg.config import list_recipes
     from wsseg.data import list_datasets
@@ -20,7 +20,11 @@ def cmd_list(args) -> int:
     from wsseg.refine import list_refinements
     from wsseg.stages.references import list_reference_producers
 
-    kinds = {"datasets": list_datasets, "maps": lambda: list_map_methods() + ["(ccam: named in the recipe)"],
+    def maps():  # with the options each takes from maps.method_options
+        return [f"{m} ({', '.join(map_method_options(m))})" if map_method_options(m) else m
+                for m in list_map_methods()] + ["(ccam: named in the recipe)"]
+
+    kinds = {"datasets": list_datasets, "maps": maps,
              "weights": list_weight_sources, "references": list_reference_producers,
              "refinements": list_refinements, "recipes": list_recipes}
     for kind in [args.kind] if args.kind else kinds:
