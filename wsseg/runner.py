@@ -344,7 +344,8 @@ class RecipeRun:
 
     def fit_images(self, dataset: SegmentationDataset, wanted: List[int]):
         """What fitted map methods learn from: `maps.fit_dataset`'s positive images, or the images being mapped.
-        A fixed, larger set (the training images) gives every mapped set the same, better-fitted concepts."""
+        A fixed set such as the training images gives every mapped set the same concepts (on Kvasir-SEG
+        better ones than the 120 val images alone gave)."""
         if self.config.maps.fit_dataset is None:
             return dataset, wanted
         fit_set = self.dataset(self.config.maps.fit_dataset, "maps.fit_dataset")
