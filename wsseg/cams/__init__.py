@@ -30,9 +30,6 @@ def _feature_factorization(model=None, target_layer: str = "auto", n_concepts: i
     return FeatureFactorization(model, target_layer, n_concepts=n_concepts, max_iter=max_iter)
 
 
-_feature_factorization.requires_classifier = True
-
-
 def list_map_methods():
     return MAP_METHODS.names()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,6 +37,16 @@ class MapMethod(ABC):
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+def resolve_target_layer(model: torch.nn.Module, target_layer: str = "auto") -> Tuple[str, torch.nn.Module]:
+    """The module maps are taken from: `target_layer` by name, or the last feature layer for "auto"."""
+    name = find_last_feature_layer(model) if target_layer == "auto" else target_layer
+    modules = dict(model.named_modules())
+    if name not in modules:
+        top = [n for n in modules if n and "." not in n]
+        raise ValueError(f"maps.target_layer: model has no module '{name}' (top-level modules: {', '.join(top)})")
+    return name, modules[name]
 
 
 def find_last_feature_layer(model: torch.nn.Module, image_size: int = 64) -> str:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
 
-from wsseg.cams.base import MapMethod, find_last_feature_layer
+from wsseg.cams.base import MapMethod, resolve_target_layer
 
 log = logging.getLogger("wsseg")
 
@@ -41,15 +41,11 @@ class FeatureFactorization(MapMethod):
                  max_iter: int = 400, seed: int = 0):
         if n_concepts < 2:
             raise ValueError(f"n_concepts must be at least 2 (got {n_concepts}): one concept is the whole image")
-        layer_name = find_last_feature_layer(model) if target_layer == "auto" else target_layer
-        modules = dict(model.named_modules())
-        if layer_name not in modules:
-            top = [n for n in modules if n and "." not in n]
-            raise ValueError(f"maps.target_layer: model has no module '{layer_name}' (top-level modules: {', '.join(top)})")
-        self.model, self.layer_name = model, layer_name
+        self.layer_name, layer = resolve_target_layer(model, target_layer)
+        self.model = model
         self.n_concepts, self.max_iter, self.seed = n_concepts, max_iter, seed
         self._captured: list = []
-        self._hook = modules[layer_name].register_forward_hook(lambda mod, inp, out: self._captured.append(out))
+        self._hook = layer.register_forward_hook(lambda mod, inp, out: self._captured.append(out))
         self.nmf = None
         self.offset: Optional[np.ndarray] = None
         self.concept: Optional[int] = None
@@ -66,8 +62,7 @@ class FeatureFactorization(MapMethod):
 
     def _patches(self, features: np.ndarray) -> np.ndarray:
         """(B*h*w, C) rows, shifted so that they are non-negative (ReLU features are left as they are)."""
-        rows = features.transpose(0, 2, 3, 1).reshape(-1, features.shape[1])
-        return np.maximum(rows - self.offset, 0)
+        return np.maximum(_rows(features) - self.offset, 0)
 
     def fit(self, batches: Iterable[torch.Tensor]) -> "FeatureFactorization":
         from sklearn.decomposition import NMF
@@ -76,8 +71,7 @@ class FeatureFactorization(MapMethod):
         if not features:
             raise ValueError("FeatureFactorization.fit: no images to fit on")
         features = np.concatenate(features)
-        rows = features.transpose(0, 2, 3, 1).reshape(-1, features.shape[1])
-        self.offset = np.minimum(rows.min(axis=0), 0)
+        self.offset = np.minimum(_rows(features).min(axis=0), 0)
         self.nmf = NMF(n_components=self.n_concepts, init="nndsvda", max_iter=self.max_iter, random_state=self.seed)
         with _quiet_convergence():
             activations = self.nmf.fit_transform(self._patches(features))
@@ -88,10 +82,11 @@ class FeatureFactorization(MapMethod):
         eigen = get_2d_projection_with_sign_correction(features).reshape(len(features), -1)
         self.concept_agreement = np.array([_mean_correlation(concept_maps[:, :, c], eigen)
                                            for c in range(self.n_concepts)])
-        self.concept = int(np.argmax(np.nan_to_num(self.concept_agreement, nan=-2.0)))
+        scores = np.nan_to_num(self.concept_agreement, nan=-2.0)  # a concept with flat maps is never kept
+        self.concept = int(np.argmax(scores))
         log.info("feature factorisation: %d images, concept %d of %d kept (agreement with EigenCAM %s)",
                  len(features), self.concept, self.n_concepts, np.round(self.concept_agreement, 3).tolist())
-        ranked = np.sort(np.nan_to_num(self.concept_agreement, nan=-2.0))[::-1]
+        ranked = np.sort(scores)[::-1]
         if ranked[0] - ranked[1] < AMBIGUOUS_AGREEMENT:
             # Measured on Kvasir-SEG: fitted on the 120 val images (0.69 vs 0.66) the kept concept was
             # far worse than fitted on train images (0.75 vs 0.47).
@@ -114,6 +109,11 @@ class FeatureFactorization(MapMethod):
 
     def close(self) -> None:
         self._hook.remove()
+
+
+def _rows(features: np.ndarray) -> np.ndarray:
+    """(B, C, h, w) -> (B*h*w, C): one row per position, image by image."""
+    return features.transpose(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
 def _mean_correlation(maps: np.ndarray, references: np.ndarray) -> float:

@@ -10,7 +10,7 @@ import torch
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
 
-from wsseg.cams.base import MapMethod, find_last_feature_layer
+from wsseg.cams.base import MapMethod, resolve_target_layer
 
 
 class SignedEigenCAM(pgc.EigenCAM):
@@ -43,14 +43,9 @@ class GradCamFamily(MapMethod):
 
     def __init__(self, method: str, model: torch.nn.Module, target_layer: str = "auto"):
         self.method = method
-        layer_name = find_last_feature_layer(model) if target_layer == "auto" else target_layer
-        names = dict(model.named_modules())
-        if layer_name not in names:
-            top = [n for n in names if n and "." not in n]
-            raise ValueError(f"maps.target_layer: model has no module '{layer_name}' (top-level modules: {', '.join(top)})")
-        self.layer_name = layer_name
+        self.layer_name, layer = resolve_target_layer(model, target_layer)
         # FullGrad uses every bias layer and warns when handed a target layer.
-        layers = [] if method == "fullgrad" else [names[layer_name]]
+        layers = [] if method == "fullgrad" else [layer]
         self.cam = GRADCAM_CLASSES[method](model=model, target_layers=layers)
 
     def compute(self, images: torch.Tensor, targets: Sequence[int]) -> np.ndarray:
