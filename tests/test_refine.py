@@ -125,3 +125,17 @@ def test_dense_crf_without_its_package_names_the_extra(monkeypatch):
     with pytest.raises(ConfigError, match=r"variants.0.refine.0.name: refinement 'dense_crf' needs.*wsseg\[crf\]"):
         parse_recipe({"maps": {"methods": ["gradcam"]}, "pseudo_masks": {"variants": [
             {"name": "v", "source": "gradcam", "refine": [{"name": "dense_crf"}]}]}})
+
+
+def test_dense_crf_offset_moves_the_foreground_level():
+    pytest.importorskip("pydensecrf.densecrf", reason="dense_crf needs the optional pydensecrf2 package")
+    rng = np.random.default_rng(1)
+    image = np.clip(rng.normal(120, 6, (96, 96, 3)), 0, 255).astype(np.uint8)  # no edges to snap to
+    yy, xx = np.mgrid[:96, :96]
+    activation = np.exp(-((yy - 48) ** 2 + (xx - 48) ** 2) / (2 * 20 ** 2)).astype(np.float32)
+    # Weak pairwise terms: on an image without edges, strong ones would smooth everything to background.
+    refined = {offset: MAP_STEPS.get("dense_crf")(activation, image, offset=offset, bilateral_weight=1,
+                                                  smoothness_weight=1) >= 0.5 for offset in (-0.1, 0.0, 0.1)}
+    area = {offset: int(mask.sum()) for offset, mask in refined.items()}
+    assert 0 < area[0.1] < area[0.0] < area[-0.1] < activation.size
+    assert all(mask[48, 48] for mask in refined.values())  # still the blob around the peak, only smaller

@@ -22,11 +22,13 @@ def crf_available() -> bool:
     return True
 
 
-def map_to_probability(activation: np.ndarray, center: str = "otsu", sharpness: float = 8.0) -> np.ndarray:
+def map_to_probability(activation: np.ndarray, center: str = "otsu", sharpness: float = 8.0,
+                       offset: float = 0.0) -> np.ndarray:
     """Foreground probability for the CRF's unary term. `center: otsu` puts 0.5 at the image's Otsu level
-    (a raw min-max map would hand the CRF far too little foreground); `none` uses the map as it is."""
+    plus `offset` (a raw min-max map would hand the CRF far too little foreground; a positive offset
+    hands it less); `none` uses the map as it is."""
     if center == "otsu":
-        return 1.0 / (1.0 + np.exp(-sharpness * (activation - otsu_threshold(activation))))
+        return 1.0 / (1.0 + np.exp(-sharpness * (activation - otsu_threshold(activation) - offset)))
     if center == "none":
         return activation
     raise ConfigError(f"dense_crf.center: unknown value '{center}' (valid: otsu, none)")
@@ -36,8 +38,12 @@ def map_to_probability(activation: np.ndarray, center: str = "otsu", sharpness: 
 def dense_crf(activation: np.ndarray, image: np.ndarray, center: str = "otsu", sharpness: float = 8.0,
               spatial_sigma: float = 50.0, colour_sigma: float = 13.0, bilateral_weight: float = 10.0,
               smoothness_sigma: float = 3.0, smoothness_weight: float = 3.0, iterations: int = 5,
-              max_side: int = 320, **_) -> np.ndarray:
-    """Mean-field inference of a two-label dense CRF; returns the foreground marginal (threshold it at 0.5)."""
+              max_side: int = 320, offset: float = 0.0, **_) -> np.ndarray:
+    """Mean-field inference of a two-label dense CRF; returns the foreground marginal (threshold it at 0.5).
+
+    `offset` moves the unary's 0.5 above (positive) or below the Otsu level of the map: the CRF grows
+    foreground along colour edges, so maps whose Otsu masks already run large come out tighter with it.
+    """
     try:
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import unary_from_softmax
@@ -49,7 +55,7 @@ def dense_crf(activation: np.ndarray, image: np.ndarray, center: str = "otsu", s
     small_image = cv2.resize(image, size, interpolation=cv2.INTER_AREA) if scale < 1 else image
     small_map = cv2.resize(activation.astype(np.float32), size, interpolation=cv2.INTER_LINEAR) if scale < 1 \
         else activation.astype(np.float32)
-    probability = np.clip(map_to_probability(small_map, center, sharpness), 1e-3, 1 - 1e-3).astype(np.float32)
+    probability = np.clip(map_to_probability(small_map, center, sharpness, offset), 1e-3, 1 - 1e-3).astype(np.float32)
     crf = dcrf.DenseCRF2D(size[0], size[1], 2)
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.stack([1 - probability, probability]))))
     crf.addPairwiseGaussian(sxy=smoothness_sigma, compat=smoothness_weight)
