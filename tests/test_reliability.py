@@ -164,6 +164,22 @@ def test_resume_skips_finished_stages(tmp_path, capsys):
     assert "unet" not in fourth["resumed_skipped_stages"] and "classifier" in fourth["resumed_skipped_stages"]
 
 
+
+def test_adding_a_self_training_round_reuses_the_finished_unet(tmp_path):
+    out = tmp_path / "run"
+    overrides = tiny_demo_overrides(("gradcam",)) + ["segment.masks=gradcam", "export.enabled=false",
+                                                     "pseudo_masks.variants=[]", "segment.self_training_rounds=0"]
+    assert main(["recipe", "run", "demo", "--out", str(out), *overrides]) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    first_unet = (out / "checkpoints" / "unet.pth").read_bytes()
+    assert main(["recipe", "run", "--resume", str(out), "segment.self_training_rounds=1"]) == 0
+    second = json.loads((out / "metrics.json").read_text())
+    # Round 0 of the longer run is the finished U-Net: reused, not trained again; round 1 is new.
+    assert "unet_round0" in second["resumed_skipped_stages"] and "unet" not in second["resumed_skipped_stages"]
+    assert (out / "checkpoints" / "unet_round0.pth").read_bytes() == first_unet
+    assert second["unet_round0"]["dice"] == first["unet"]["dice"]
+    assert (out / "checkpoints" / "unet.pth").read_bytes() != first_unet
+
 def test_fitted_maps_learn_from_maps_fit_dataset_and_refit_when_it_changes(tmp_path, monkeypatch):
     import wsseg.runner
 

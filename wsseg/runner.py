@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -178,19 +178,26 @@ class RecipeRun:
 
     # ------------------------------------------------------------------ stage cache
 
+    def finished_stage(self, key: str, digest: str) -> Optional[Any]:
+        """The saved result of stage `key` when resuming and it finished with this fingerprint, else None."""
+        marker = self.out_dir / "stages" / f"{key}.json"
+        if not (self.resume and marker.is_file()):
+            return None
+        saved = json.loads(marker.read_text())
+        if saved.get("fingerprint") != digest or not all(Path(p).exists() for p in saved.get("outputs", [])):
+            return None
+        return saved["result"]
+
     def cached(self, key: str, digest: str, fn: Callable[[], Any], outputs: Callable[[Any], List[Path]] = None):
         """Run `fn` unless a finished stage with the same fingerprint and existing outputs is on disk."""
-        marker = self.out_dir / "stages" / f"{key}.json"
-        if self.resume and marker.is_file():
-            saved = json.loads(marker.read_text())
-            paths = [Path(p) for p in saved.get("outputs", [])]
-            if saved.get("fingerprint") == digest and all(p.exists() for p in paths):
-                log.info("stage %s: finished in an earlier run, skipped", key)
-                self.skipped_stages.append(key)
-                return saved["result"]
+        saved = self.finished_stage(key, digest)
+        if saved is not None:
+            log.info("stage %s: finished in an earlier run, skipped", key)
+            self.skipped_stages.append(key)
+            return saved
         result = fn()
         if dist.is_main():
-            write_json(marker, {"fingerprint": digest, "result": result,
+            write_json(self.out_dir / "stages" / f"{key}.json", {"fingerprint": digest, "result": result,
                                 "outputs": [str(p) for p in (outputs(result) if outputs else [])]})
         dist.barrier()
         return result
@@ -405,9 +412,20 @@ class RecipeRun:
         rounds = seg.self_training_rounds
         for round_index in range(rounds + 1):
             name = "unet" if round_index == rounds else f"unet_round{round_index}"
-            digest = fingerprint(seg, self.config.backbone, self.config.seed, upstream, round_index)
+            # Not the number of rounds: round k of a run with more rounds is the final U-Net of one with k.
+            digest = fingerprint(replace(seg, self_training_rounds=0), self.config.backbone, self.config.seed,
+                                 upstream, round_index)
 
             def train(name=name, source=source, digest=digest, round_index=round_index):
+                earlier = self.finished_stage("unet", digest) if name != "unet" else None
+                if earlier is not None:  # rounds added to a finished run: its last U-Net is this round
+                    checkpoint = self.out_dir / "checkpoints" / f"{name}.pth"
+                    if dist.is_main():
+                        shutil.copyfile(earlier["checkpoint"], checkpoint)
+                    dist.barrier()
+                    log.info("stage %s: the U-Net of an earlier run with fewer rounds, reused", name)
+                    self.skipped_stages.append(name)
+                    return {"checkpoint": str(checkpoint), "metrics": earlier["metrics"]}
                 result = train_segmenter(seg, self.config.backbone, train_set, source, self.out_dir / "checkpoints",
                                          self.device, self.config.seed + round_index, self.progress, name=name,
                                          state_tag=digest)
