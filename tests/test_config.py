@@ -33,6 +33,8 @@ def test_semantic_names_checked():
         parse_recipe({"maps": {"dataset": {"name": "imagenet"}}})
     with pytest.raises(ConfigError, match=r"classifier.schedule: must be alternate or concat, got 'sometimes'"):
         parse_recipe({"classifier": {"schedule": "sometimes"}})
+    with pytest.raises(ConfigError, match=r"segment.image_size: .* multiple of 32, got 250"):
+        parse_recipe({"segment": {"image_size": 250, "train": [{"name": "synthetic"}]}})
 
 
 def test_map_method_options_checked_against_the_method():

@@ -14,8 +14,9 @@ from PIL import Image
 from wsseg.config_schema import DatasetConfig
 from wsseg.data import create_dataset
 from wsseg.deploy.bench import bench_inference, bench_maps, map_method_callables
-from wsseg.deploy.onnx_export import ProbabilityHead, export_segmenter, read_metadata
+from wsseg.deploy.onnx_export import ProbabilityHead, export_segmenter, export_segmenter_model, read_metadata
 from wsseg.deploy.quantize import mask_agreement, quantize_int8
+from wsseg.deploy.static_padding import same_padding, with_static_same_padding
 from wsseg.models.segmenter import SegmenterMeta, build_unet, load_segmenter, save_segmenter
 from wsseg.stages.pseudo_masks import MaskRule
 from wsseg.stages.segment import IGNORE, predict_masks, pseudo_mask_source, segmentation_loss
@@ -73,6 +74,38 @@ def test_runtime_rejects_bad_inputs(exported, tmp_path):
         Segmenter(tmp_path / "nope.onnx")
 
 
+def test_same_padding_is_tensorflows_for_inputs_divisible_by_the_stride():
+    # (top, left, bottom, right): the odd pixel goes to the end, as in TensorFlow and timm's Conv2dSame.
+    assert same_padding((3, 3), (2, 2), (1, 1)) == (0, 0, 1, 1)
+    assert same_padding((5, 5), (2, 2), (1, 1)) == (1, 1, 2, 2)
+    assert same_padding((3, 3), (1, 1), (1, 1)) == (1, 1, 1, 1)
+    assert same_padding((3, 1), (2, 1), (2, 1)) == (1, 0, 2, 0)
+
+
+def test_tf_encoder_exports_without_pad_nodes_and_matches_timm(tmp_path):
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    model = build_unet("tu-tf_mobilenetv3_small_minimal_100", "none").eval()
+    static, replaced = with_static_same_padding(model)
+    assert replaced == sum(isinstance(m, Conv2dSame) for m in model.modules()) > 0
+    assert not any(isinstance(m, Conv2dSame) for m in static.modules())  # the copy, not the original
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.allclose(static(x), model(x), atol=1e-5)
+        with pytest.raises(ValueError, match="divisible by the stride"):
+            static(torch.randn(1, 3, 65, 64))
+    meta = SegmenterMeta("tu-tf_mobilenetv3_small_minimal_100", 64, (0.5,) * 3, (0.5,) * 3, 0.5)
+    report = export_segmenter_model(model, meta, tmp_path / "model.onnx")
+    assert report.max_abs_diff < 1e-4  # parity at a batch and size other than the traced ones
+    ops = [n.op_type for n in onnx.load(str(report.path)).graph.node]
+    assert "Pad" not in ops and ops.count("Conv") == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert read_metadata(report.path)["static_same_padding_convs"] == str(replaced)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(x)).numpy()[:, 0]
+    assert np.abs(Segmenter(report.path, "cpu").run(x.numpy()) - expected).max() < 1e-4
+
+
 def test_int8_variant_is_written_and_close(exported, tmp_path):
     folder, report = exported
     rng = np.random.default_rng(0)
@@ -109,9 +142,14 @@ def test_int8_keep_float_decides_which_nodes_are_quantised(exported, tmp_path):
 def test_bench_rows_have_ratios(exported):
     folder, report = exported
     model, _ = load_segmenter(folder / "unet.pth")
-    rows = bench_inference(ProbabilityHead(model), {"onnxruntime fp32": report.path}, 64, (1, 2), warmup=1, iters=2)
+    rows = bench_inference(ProbabilityHead(model), {"onnxruntime fp32": report.path}, 64, (1, 2), warmup=1, iters=2,
+                           rounds=3)
     assert [r.batch_size for r in rows] == [1, 1, 2, 2]
-    assert rows[0].ratio == 1.0 and rows[1].ratio > 0
+    assert rows[0].ratio == 1.0 and rows[0].ratio_range == (1.0, 1.0)
+    low, high = rows[1].ratio_range
+    assert 0 < low <= rows[1].ratio <= high
+    with pytest.raises(ValueError, match="rounds"):
+        bench_inference(ProbabilityHead(model), {}, 64, (1,), rounds=0)
     maps = bench_maps(map_method_callables("test_resnet", "none", ["ccam", "gradcam"], image_size=64), 64, 2,
                       warmup=1, iters=1)
     assert [r.name for r in maps] == ["ccam (onnxruntime)", "ccam (pytorch)", "gradcam"]

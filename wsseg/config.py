@@ -152,6 +152,9 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             problems.append(f"segment.ignore_band: expected [low, high] with 0 <= low <= high <= 1, got {band}")
         if not config.segment.train:
             problems.append("segment.train: at least one dataset is needed")
+        if config.segment.image_size % 32:
+            problems.append(f"segment.image_size: the U-Net downsamples 5 times, so it must be a multiple of 32, "
+                            f"got {config.segment.image_size}")
     if config.export is not None and config.export.enabled and config.segment is None:
         problems.append("export: needs a segment section (the model that is exported)")
     valid_methods = list_map_methods() + ccam_names

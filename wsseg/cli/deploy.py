@@ -36,7 +36,10 @@ def add_parser(subparsers) -> None:
     infer.add_argument("--encoder", default="tu-tf_efficientnet_lite0", help="without a run: U-Net encoder")
     infer.add_argument("--size", type=int, help="input size (default: the run's, else 352)")
     infer.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    infer.add_argument("--iters", type=int, default=10)
+    infer.add_argument("--iters", type=int, default=10, help="timed calls per backend and round")
+    infer.add_argument("--rounds", type=int, default=3,
+                       help="the backends take turns this many times; rows are medians over rounds, ratios the "
+                            "median of per-round ratios (robust to a machine whose speed drifts)")
     infer.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its choice)")
     infer.add_argument("--out", type=Path, help="write the rows as JSON here")
     infer.set_defaults(func=cmd_bench_infer)
@@ -175,10 +178,15 @@ def _print_rows(title: str, rows, out) -> None:
     from wsseg.stages.common import write_json
 
     table = Table(title=title)
-    for column in ("backend / method", "batch", "images/s", "latency ms", "ratio"):
+    ranges = any(r.ratio_range for r in rows)
+    columns = ["backend / method", "batch", "images/s", "latency ms", "ratio"] + (["ratio range"] if ranges else [])
+    for column in columns:
         table.add_column(column, justify="right" if column != "backend / method" else "left")
     for r in rows:
-        table.add_row(r.name, str(r.batch_size), f"{r.images_per_s:.1f}", f"{r.latency_ms:.1f}", f"{r.ratio:.2f}x")
+        cells = [r.name, str(r.batch_size), f"{r.images_per_s:.1f}", f"{r.latency_ms:.1f}", f"{r.ratio:.2f}x"]
+        if ranges:
+            cells.append(f"{r.ratio_range[0]:.2f}-{r.ratio_range[1]:.2f}x" if r.ratio_range else "")
+        table.add_row(*cells)
     console.print(table)
     if out:
         write_json(out, [asdict(r) for r in rows])
@@ -205,16 +213,18 @@ def cmd_bench_infer(args) -> int:
         if (args.run_dir / "model.int8.onnx").is_file():
             onnx_paths["onnxruntime int8"] = args.run_dir / "model.int8.onnx"
     else:
-        from wsseg.deploy.onnx_export import _export, _metadata
-        from wsseg.models.segmenter import build_unet
+        from wsseg.deploy.onnx_export import export_segmenter_model
+        from wsseg.models.segmenter import SegmenterMeta, build_unet
 
         size = args.size or 352
         model = build_unet(args.encoder, "none")
         fp32 = Path(tempfile.mkdtemp()) / "model.onnx"
-        _export(ProbabilityHead(model), fp32, size, 17, _metadata("segmenter", size, (0.5,) * 3, (0.5,) * 3, 0.5, []))
+        export_segmenter_model(model, SegmenterMeta(args.encoder, size, (0.5,) * 3, (0.5,) * 3, 0.5,
+                                                    trained_on="untrained (bench)"), fp32)
         onnx_paths["onnxruntime fp32"] = fp32
     torch_model = ProbabilityHead(model).eval()
-    rows = bench_inference(torch_model, onnx_paths, size, args.batch_sizes, iters=args.iters, threads=args.threads)
+    rows = bench_inference(torch_model, onnx_paths, size, args.batch_sizes, iters=args.iters, threads=args.threads,
+                           rounds=args.rounds)
     _print_rows(f"inference at {size}x{size}, {torch.get_num_threads()} torch threads", rows, args.out)
     return 0
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ class BenchRow:
     images_per_s: float
     latency_ms: float
     ratio: Optional[float] = None  # images/s relative to the first row of the same batch size
+    ratio_range: Optional[Tuple[float, float]] = None  # lowest and highest per-round ratio, when timed in rounds
 
 
 def time_calls(fn: Callable[[], object], warmup: int, iters: int) -> float:
@@ -49,24 +50,44 @@ def add_ratios(rows: List[BenchRow]) -> List[BenchRow]:
 
 def bench_inference(torch_model: torch.nn.Module, onnx_paths: Dict[str, Path], image_size: int,
                     batch_sizes: Sequence[int] = (1, 8), warmup: int = 3, iters: int = 10,
-                    threads: Optional[int] = None) -> List[BenchRow]:
-    """images/s of PyTorch eager and each ONNX model on identical random inputs."""
+                    threads: Optional[int] = None, rounds: int = 3) -> List[BenchRow]:
+    """images/s of PyTorch eager and each ONNX model on identical random inputs.
+
+    The backends take turns `rounds` times, each timed over `iters` calls after `warmup`: a shared
+    machine's speed drifts between minutes, and timing each backend in one block puts that drift
+    into the ratios. A row holds the median time over rounds; its ratio is the median of the
+    per-round ratios to eager, with their range.
+    """
     import onnxruntime as ort
 
     from wsseg_infer.runtime import session_options
 
+    if rounds < 1 or iters < 1:
+        raise ValueError(f"rounds and iters must be at least 1, got rounds={rounds}, iters={iters}")
     torch_model = torch_model.eval()
     sessions = {name: ort.InferenceSession(str(p), session_options(threads), providers=["CPUExecutionProvider"])
                 for name, p in onnx_paths.items()}
+
+    def eager(x: torch.Tensor) -> None:
+        with torch.inference_mode():
+            torch_model(x)
+
     rows = []
     for batch in batch_sizes:
         x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(batch))
-        with torch.inference_mode():
-            rows.append(_row("pytorch eager", batch, time_calls(lambda: torch_model(x), warmup, iters)))
         feed = x.numpy()
-        for name, session in sessions.items():
-            rows.append(_row(name, batch, time_calls(lambda s=session: s.run(None, {"image": feed}), warmup, iters)))
-    return add_ratios(rows)
+        calls = {"pytorch eager": lambda: eager(x)}
+        calls.update({name: (lambda s=session: s.run(None, {"image": feed})) for name, session in sessions.items()})
+        seconds: Dict[str, List[float]] = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                seconds[name].append(time_calls(call, warmup, iters))
+        for name, times in seconds.items():
+            row = _row(name, batch, float(np.median(times)))
+            ratios = [base / t for base, t in zip(seconds["pytorch eager"], times)]
+            row.ratio, row.ratio_range = float(np.median(ratios)), (float(min(ratios)), float(max(ratios)))
+            rows.append(row)
+    return rows
 
 
 def bench_maps(methods: Dict[str, Callable[[torch.Tensor], object]], image_size: int, batch_size: int,

@@ -97,8 +97,18 @@ def export_segmenter(checkpoint: Path, out_path: Path, opset: int = 17) -> Expor
     from wsseg.models.segmenter import load_segmenter
 
     model, meta = load_segmenter(checkpoint)
+    return export_segmenter_model(model, meta, out_path, opset)
+
+
+def export_segmenter_model(model: torch.nn.Module, meta, out_path: Path, opset: int = 17) -> ExportReport:
+    """Export a U-Net (logits out) with its `SegmenterMeta`; the model itself is left unchanged."""
+    from wsseg.deploy.static_padding import with_static_same_padding
+
+    # Inputs are multiples of SIZE_MULTIPLE (the runtime enforces it), so TF-style 'same' padding is constant.
+    model, n_static = with_static_same_padding(model)
     metadata = _metadata("segmenter", meta.image_size, meta.mean, meta.std, meta.threshold, meta.classes,
-                         {"encoder": meta.encoder, "trained_on": meta.trained_on})
+                         {"encoder": meta.encoder, "trained_on": meta.trained_on,
+                          "static_same_padding_convs": str(n_static)})
     return _export(ProbabilityHead(model), out_path, meta.image_size, opset, metadata)
 
 
