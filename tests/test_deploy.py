@@ -1,5 +1,6 @@
 """Segmenter training pieces, ONNX export, INT8, the torch-free runtime and the benchmarks."""
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from wsseg.config_schema import DatasetConfig
 from wsseg.data import create_dataset
 from wsseg.deploy.bench import bench_inference, bench_maps, map_method_callables
 from wsseg.deploy.onnx_export import ProbabilityHead, export_segmenter, export_segmenter_model, read_metadata
-from wsseg.deploy.quantize import mask_agreement, quantize_int8
+from wsseg.deploy.quantize import (choose_keep_float, describe_kept_float, encoder_stages, mask_agreement,
+                                   quantize_int8)
 from wsseg.deploy.static_padding import same_padding, with_static_same_padding
 from wsseg.models.segmenter import SegmenterMeta, build_unet, load_segmenter, save_segmenter
 from wsseg.stages.pseudo_masks import MaskRule
@@ -82,11 +84,21 @@ def test_same_padding_is_tensorflows_for_inputs_divisible_by_the_stride():
     assert same_padding((3, 1), (2, 1), (2, 1)) == (1, 0, 2, 0)
 
 
-def test_tf_encoder_exports_without_pad_nodes_and_matches_timm(tmp_path):
+TF_ENCODER = "tu-tf_mobilenetv3_small_minimal_100"  # small, TF 'same' padding and depthwise convs
+
+
+@pytest.fixture(scope="module")
+def tf_exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_unet(TF_ENCODER, "none").eval()
+    meta = SegmenterMeta(TF_ENCODER, 64, (0.5,) * 3, (0.5,) * 3, 0.5)
+    return model, export_segmenter_model(model, meta, tmp_path_factory.mktemp("tf") / "model.onnx")
+
+
+def test_tf_encoder_exports_without_pad_nodes_and_matches_timm(tf_exported):
     from timm.layers import Conv2dSame
 
-    torch.manual_seed(0)
-    model = build_unet("tu-tf_mobilenetv3_small_minimal_100", "none").eval()
+    model, report = tf_exported
     static, replaced = with_static_same_padding(model)
     assert replaced == sum(isinstance(m, Conv2dSame) for m in model.modules()) > 0
     assert not any(isinstance(m, Conv2dSame) for m in static.modules())  # the copy, not the original
@@ -95,8 +107,6 @@ def test_tf_encoder_exports_without_pad_nodes_and_matches_timm(tmp_path):
         assert torch.allclose(static(x), model(x), atol=1e-5)
         with pytest.raises(ValueError, match="divisible by the stride"):
             static(torch.randn(1, 3, 65, 64))
-    meta = SegmenterMeta("tu-tf_mobilenetv3_small_minimal_100", 64, (0.5,) * 3, (0.5,) * 3, 0.5)
-    report = export_segmenter_model(model, meta, tmp_path / "model.onnx")
     assert report.max_abs_diff < 1e-4  # parity at a batch and size other than the traced ones
     ops = [n.op_type for n in onnx.load(str(report.path)).graph.node]
     assert "Pad" not in ops and ops.count("Conv") == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
@@ -137,6 +147,38 @@ def test_int8_keep_float_decides_which_nodes_are_quantised(exported, tmp_path):
     assert any("/decoder/" in n for n in default)
     # Only the encoder outputs that feed the quantised decoder get a (de)quantisation in the default model.
     assert in_encoder(everything) > 3 * max(1, in_encoder(default)) and len(everything) > len(default)
+
+
+def test_encoder_stages_group_timm_and_smp_node_names():
+    names = ["/model/encoder/model/conv_stem/Conv", "/model/encoder/model/blocks.3/blocks.3.0/conv_pw/Conv",
+             "/model/encoder/model/blocks.3/blocks.3.1/conv_dw/Conv", "/model/encoder/layer1/layer1.0/conv1/Conv",
+             "/model/decoder/blocks.0/conv1/Conv", "/model/encoder/Identity"]
+    assert encoder_stages(names) == {
+        "/model/encoder/model/conv_stem/": names[:1], "/model/encoder/model/blocks.3/": names[1:3],
+        "/model/encoder/layer1/": names[3:4]}
+
+
+def test_int8_auto_keeps_depthwise_convs_and_the_stages_that_move_the_masks(tf_exported, tmp_path):
+    _, report = tf_exported
+    calibration = [np.random.default_rng(i).standard_normal((1, 3, 64, 64)).astype(np.float32) for i in range(2)]
+    graph = onnx.load(str(report.path)).graph
+    stages = encoder_stages(n.name for n in graph.node)
+    depthwise = {n.name for n in graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1
+                                                                          for a in n.attribute)}
+    assert len(stages) >= 4 and depthwise
+    keep, agreement = choose_keep_float(report.path, calibration, min_agreement=1.01)  # every stage too sensitive
+    assert list(agreement) == list(stages) and all(0 <= a <= 1 for a in agreement.values())
+    assert set(keep) == set(stages) | depthwise
+    keep, _ = choose_keep_float(report.path, calibration, min_agreement=0.0)  # no stage sensitive
+    assert set(keep) == depthwise
+    out = quantize_int8(report.path, tmp_path / "auto.int8.onnx", calibration, keep_float=["auto"])
+    meta = read_metadata(out)
+    assert list(json.loads(meta["int8_stage_agreement"])) == list(stages)
+    assert set(json.loads(meta["int8_kept_float"])) >= depthwise
+    assert any("/encoder/" in n for n in _quantised_nodes(out))  # unlike the default, the encoder is quantised
+    assert describe_kept_float(out).startswith("auto: stages") and f"{len(depthwise)} depthwise" in describe_kept_float(out)
+    default = quantize_int8(report.path, tmp_path / "default.int8.onnx", calibration)
+    assert describe_kept_float(default) == "/encoder/"
 
 
 def test_bench_rows_have_ratios(exported):

@@ -131,7 +131,8 @@ class ExportConfig:
     opset: int = 17
     int8: bool = False
     calibration_images: int = 16
-    # Node-name substrings kept in fp32 by the INT8 model (docs/BENCHMARKS.md measures the choices).
+    # Node-name substrings kept in fp32 by the INT8 model, or [auto] to measure per encoder stage
+    # (docs/BENCHMARKS.md measures the choices).
     int8_keep_float: List[str] = field(default_factory=lambda: ["/encoder/"])
 
 

@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
     export.add_argument("--data-root", type=Path, help="data root for the INT8 calibration images")
     export.add_argument("--int8-keep-float", nargs="*", default=["/encoder/"], metavar="PATTERN",
                         help="ONNX node-name substrings that stay fp32 in the INT8 model (default: the encoder; "
-                             "none: quantise everything)")
+                             "none: quantise everything; auto: measure each encoder stage on the calibration "
+                             "images and keep the sensitive ones and the depthwise convs in fp32)")
     export.set_defaults(func=cmd_export)
 
     predict = subparsers.add_parser("predict", help="segment images with a run's U-Net (torch or ONNX backend)")
@@ -125,12 +126,12 @@ def cmd_export(args) -> int:
     console.print(f"[green]exported[/green] {report.path} (opset {report.opset}); parity at "
                   f"{report.parity_shape}: max |onnx - torch| = {report.max_abs_diff:.2e}")
     if args.int8:
-        from wsseg.deploy.quantize import calibration_batches, mask_agreement, quantize_int8
+        from wsseg.deploy.quantize import calibration_batches, describe_kept_float, mask_agreement, quantize_int8
 
         batches = calibration_batches(args.run_dir / "config.yaml", out, 16, args.data_root)
         int8 = quantize_int8(out, out.with_name(out.stem + ".int8.onnx"), batches, args.int8_keep_float)
         agreement = mask_agreement(out, int8, batches)
-        console.print(f"[green]INT8[/green] {int8} (fp32 kept: {', '.join(args.int8_keep_float) or 'nothing'}); "
+        console.print(f"[green]INT8[/green] {int8} (fp32 kept: {describe_kept_float(int8)}); "
                       f"masks vs fp32 on {len(batches)} calibration images: Dice {agreement['mask_dice_vs_fp32']:.4f}, "
                       f"mean |prob diff| {agreement['mean_abs_prob_diff']:.4f}")
     return 0
