@@ -164,7 +164,6 @@ def test_resume_skips_finished_stages(tmp_path, capsys):
     assert "unet" not in fourth["resumed_skipped_stages"] and "classifier" in fourth["resumed_skipped_stages"]
 
 
-
 def test_adding_a_self_training_round_reuses_the_finished_unet(tmp_path):
     out = tmp_path / "run"
     overrides = tiny_demo_overrides(("gradcam",)) + ["segment.masks=gradcam", "export.enabled=false",
@@ -179,6 +178,7 @@ def test_adding_a_self_training_round_reuses_the_finished_unet(tmp_path):
     assert (out / "checkpoints" / "unet_round0.pth").read_bytes() == first_unet
     assert second["unet_round0"]["dice"] == first["unet"]["dice"]
     assert (out / "checkpoints" / "unet.pth").read_bytes() != first_unet
+
 
 def test_fitted_maps_learn_from_maps_fit_dataset_and_refit_when_it_changes(tmp_path, monkeypatch):
     import wsseg.runner

@@ -154,7 +154,9 @@ def quantize_from_run(run_dir: Path, n_images: int = 16, data_root=None,
     agreement = mask_agreement(run_dir / "model.onnx", out, batches)
     log.info("INT8 model written to %s (kept in fp32: %s); masks vs fp32 on %d calibration images: Dice %.4f",
              out, describe_kept_float(out), len(batches), agreement["mask_dice_vs_fp32"])
-    meta = _metadata(out)
+    from wsseg.deploy.onnx_export import read_metadata
+
+    meta = read_metadata(out)
     report = {"path": str(out), "calibration_images": n_images, "kept_float": json.loads(meta["int8_kept_float"]),
               **agreement}
     if "int8_stage_agreement" in meta:
@@ -162,15 +164,11 @@ def quantize_from_run(run_dir: Path, n_images: int = 16, data_root=None,
     return report
 
 
-def _metadata(path: Path) -> Dict[str, str]:
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
 def describe_kept_float(int8_path: Path) -> str:
     """What an INT8 model kept in fp32, in a line: the patterns, or for `auto` the stages and a count."""
-    meta = _metadata(int8_path)
+    from wsseg.deploy.onnx_export import read_metadata
+
+    meta = read_metadata(int8_path)
     kept = json.loads(meta.get("int8_kept_float", "[]"))
     if "int8_stage_agreement" not in meta:
         return ", ".join(kept) or "nothing"
