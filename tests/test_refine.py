@@ -30,9 +30,9 @@ def test_every_map_step_returns_a_normalised_map(name):
 
 @pytest.mark.parametrize("name", MASK_STEPS.names())
 def test_every_mask_step_keeps_shape(name):
-    mask = np.zeros((20, 20), bool)
-    mask[2:8, 2:8] = True
-    assert MASK_STEPS.get(name)(mask).shape == mask.shape
+    image, activation = _scene()
+    mask = activation >= 0.8
+    assert MASK_STEPS.get(name)(mask, image=image, source_map=activation).shape == mask.shape
 
 
 def test_guided_filter_snaps_to_image_edges():
@@ -139,3 +139,47 @@ def test_dense_crf_offset_moves_the_foreground_level():
     area = {offset: int(mask.sum()) for offset, mask in refined.items()}
     assert 0 < area[0.1] < area[0.0] < area[-0.1] < activation.size
     assert all(mask[48, 48] for mask in refined.values())  # still the blob around the peak, only smaller
+
+
+def _reddish_object_scene(seed=0):
+    rng = np.random.default_rng(seed)
+    image = np.full((120, 120, 3), 60.0)
+    image[30:90, 40:100] = (200, 90, 90)  # a reddish rectangle on a grey, noisy background
+    image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:120, :120]  # a coarse blob off-centre on the object, as a CAM would give
+    activation = np.exp(-((yy - 55) ** 2 + (xx - 65) ** 2) / (2 * 25 ** 2)).astype(np.float32)
+    return image, activation, image[..., 0] > 130
+
+
+def test_grabcut_grows_a_partial_mask_to_the_object_colour():
+    image, activation, truth = _reddish_object_scene()
+    partial = activation >= 0.8  # the blob's core: much smaller than the object
+    refined = MASK_STEPS.get("grabcut")(partial, image=image, source_map=activation, max_side=60)
+    assert refined.shape == truth.shape
+    assert (refined ^ truth).sum() < (partial ^ truth).sum() / 4
+
+
+def test_grabcut_in_a_variant_gets_the_image_and_source_map(tmp_path):
+    image, activation, truth = _reddish_object_scene(1)
+
+    class OneImage:  # the two methods a mask rule reads
+        records = [type("Record", (), {"stem": "a"})()]
+
+        def image_size(self, index):
+            return truth.shape
+
+        def load_image(self, index):
+            return image
+
+    np.save(tmp_path / "a.npy", activation.astype(np.float16))
+    rule = MaskRule("m", 0.8, steps=[RefineStepConfig("grabcut")])
+    refined = rule.refined(OneImage(), 0, {"m": tmp_path})
+    assert refined.image is image and refined.source_map is not None
+    assert (rule.mask(refined) ^ truth).sum() < ((refined.activation >= 0.8) ^ truth).sum() / 4
+    with pytest.raises(ConfigError, match="grabcut.*needs the image"):
+        rule.mask(refined.activation)  # a bare map lacks what GrabCut needs
+    parse_recipe({"maps": {"methods": ["gradcam"]}, "pseudo_masks": {"variants": [
+        {"name": "v", "source": "gradcam", "refine": [{"name": "grabcut", "options": {"sure_above": 0.2}}]}]}})
+    with pytest.raises(ConfigError, match=r"refine.0.options.radius: unknown option for 'grabcut'"):
+        parse_recipe({"maps": {"methods": ["gradcam"]}, "pseudo_masks": {"variants": [
+            {"name": "v", "source": "gradcam", "refine": [{"name": "grabcut", "options": {"radius": 2}}]}]}})

@@ -1,7 +1,8 @@
 """Refinement steps for maps and masks, each registered by name and configured from the recipe.
 
 Map steps see the float map (H x W in [0, 1], at the image's size) and the image; mask steps see
-the thresholded mask. `refine_map_to_mask` runs: map steps -> threshold -> mask steps.
+the thresholded mask, and those that declare `uses_image` / `uses_source_map` also the image and the
+unrefined source map. Order: map steps -> threshold -> mask steps.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def validate_steps(steps, key: str = "pseudo_masks.refine") -> List[str]:
         if requires is not None and not requires[2]():
             problems.append(f"{key}.{i}.name: refinement '{step.name}' needs the {requires[0]} package: {requires[1]}")
         accepted = set(inspect.signature(registry.get(step.name)).parameters) - {"activation", "image", "mask",
-                                                                                    "other", "_"}
+                                                                                    "other", "source_map", "_"}
         for option in step.options:
             if option not in accepted:
                 problems.append(f"{key}.{i}.options.{option}: unknown option for '{step.name}' "
@@ -131,8 +132,10 @@ def refine_map(activation: np.ndarray, image: Optional[np.ndarray], steps,
     return activation
 
 
-def threshold_and_clean(activation: np.ndarray, steps, threshold: float, threshold_mode: str = "fixed") -> np.ndarray:
-    """The threshold (`fixed` value or per-image `otsu`), then the mask steps in order."""
+def threshold_and_clean(activation: np.ndarray, steps, threshold: float, threshold_mode: str = "fixed",
+                        image: Optional[np.ndarray] = None, source_map: Optional[np.ndarray] = None) -> np.ndarray:
+    """The threshold (`fixed` value or per-image `otsu`), then the mask steps in order (those that use
+    them get `image` and the unrefined `source_map`)."""
     if threshold_mode == "otsu":  # OpenCV's Otsu value is the last background level: foreground is above it
         level = round(otsu_threshold(activation) * 255)
         mask = (activation * 255).astype(np.uint8) > level  # compare on the 8-bit levels Otsu saw
@@ -140,12 +143,20 @@ def threshold_and_clean(activation: np.ndarray, steps, threshold: float, thresho
         mask = activation >= threshold
     for step in steps:
         if step.name in MASK_STEPS:
-            mask = MASK_STEPS.get(step.name)(mask, **step.options)
+            mask = MASK_STEPS.get(step.name)(mask, image=image, source_map=source_map, **step.options)
     return mask
 
 
+def _step_function(step):
+    return MAP_STEPS.get(step.name) if step.name in MAP_STEPS else MASK_STEPS.get(step.name)
+
+
 def needs_image(steps) -> bool:
-    return any(getattr(MAP_STEPS.get(s.name), "uses_image", False) for s in steps if s.name in MAP_STEPS)
+    return any(getattr(_step_function(s), "uses_image", False) for s in steps)
+
+
+def needs_source_map(steps) -> bool:
+    return any(getattr(_step_function(s), "uses_source_map", False) for s in steps)
 
 
 def list_refinements() -> List[str]:
@@ -154,3 +165,4 @@ def list_refinements() -> List[str]:
 
 
 from wsseg.refine import crf as _crf  # noqa: E402,F401  (registers dense_crf)
+from wsseg.refine import grabcut as _grabcut  # noqa: E402,F401  (registers grabcut)

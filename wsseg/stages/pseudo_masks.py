@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -13,7 +13,7 @@ from wsseg.data.base import SegmentationDataset
 from wsseg.data.io import write_mask_png
 from wsseg.metrics import confusion, scores
 from wsseg.progress import ProgressFn, no_progress
-from wsseg.refine import needs_image, refine_map, threshold_and_clean
+from wsseg.refine import needs_image, needs_source_map, refine_map, threshold_and_clean
 from wsseg.stages.maps import load_map
 from wsseg.stages.references import REFERENCE_PRODUCERS
 
@@ -30,6 +30,16 @@ def map_to_mask(activation: np.ndarray, height: int, width: int, threshold: floa
 
 
 @dataclass
+class RefinedMap:
+    """A rule's refined map (image-sized, before the threshold), with the image and the unrefined source
+    map when its mask steps use them (GrabCut)."""
+
+    activation: np.ndarray
+    image: Optional[np.ndarray] = None
+    source_map: Optional[np.ndarray] = None
+
+
+@dataclass
 class MaskRule:
     """How one producer's masks come from saved maps: source map, refinement steps, threshold rule."""
 
@@ -42,18 +52,24 @@ class MaskRule:
     def maps_needed(self) -> List[str]:
         return [self.source] + [s.other for s in self.steps if getattr(s, "other", None)]
 
-    def activation(self, dataset: SegmentationDataset, index: int, map_dirs: Dict[str, Path]) -> np.ndarray:
-        """The refined map at the image's size, before thresholding."""
+    def refined(self, dataset: SegmentationDataset, index: int, map_dirs: Dict[str, Path]) -> RefinedMap:
+        """The refined map at the image's size, before thresholding, with what the mask steps need."""
         stem = dataset.records[index].stem
         height, width = dataset.image_size(index)
         maps = {name: resize_map(load_map(Path(map_dirs[name]) / f"{stem}.npy"), height, width)
                 for name in self.maps_needed}
         image = dataset.load_image(index) if needs_image(self.steps) else None
-        return refine_map(maps[self.source], image, self.steps, maps)
+        activation = refine_map(maps[self.source], image, self.steps, maps)
+        return RefinedMap(activation, image, maps[self.source] if needs_source_map(self.steps) else None)
 
-    def mask(self, activation: np.ndarray, threshold: Optional[float] = None) -> np.ndarray:
-        return threshold_and_clean(activation, self.steps, self.threshold if threshold is None else threshold,
-                                   self.threshold_mode)
+    def activation(self, dataset: SegmentationDataset, index: int, map_dirs: Dict[str, Path]) -> np.ndarray:
+        return self.refined(dataset, index, map_dirs).activation
+
+    def mask(self, refined: Union[RefinedMap, np.ndarray], threshold: Optional[float] = None) -> np.ndarray:
+        if not isinstance(refined, RefinedMap):
+            refined = RefinedMap(refined)
+        return threshold_and_clean(refined.activation, self.steps, self.threshold if threshold is None else threshold,
+                                   self.threshold_mode, refined.image, refined.source_map)
 
 
 def write_rule_masks(rule: MaskRule, dataset: SegmentationDataset, map_dirs: Dict[str, Path], out_dir: Path,
@@ -63,7 +79,7 @@ def write_rule_masks(rule: MaskRule, dataset: SegmentationDataset, map_dirs: Dic
     out_dir = Path(out_dir)
     indices = list(range(len(dataset))) if indices is None else list(indices)
     for i in progress(indices, total=len(indices), description=description):
-        write_mask_png(out_dir / f"{dataset.records[i].stem}.png", rule.mask(rule.activation(dataset, i, map_dirs)))
+        write_mask_png(out_dir / f"{dataset.records[i].stem}.png", rule.mask(rule.refined(dataset, i, map_dirs)))
     return out_dir
 
 
@@ -77,12 +93,12 @@ def make_pseudo_masks(map_dir: Path, dataset: SegmentationDataset, out_dir: Path
 def calibrate_threshold(rule: MaskRule, dataset: SegmentationDataset, map_dirs: Dict[str, Path],
                         grid: Sequence[float]) -> Tuple[float, Dict[float, float]]:
     """The grid threshold with the best mean Dice on `dataset` (a few labelled images, not the test set)."""
-    activations = [rule.activation(dataset, i, map_dirs) for i in range(len(dataset))]
+    refined = [rule.refined(dataset, i, map_dirs) for i in range(len(dataset))]
     truths = [dataset.load_mask(i) for i in range(len(dataset))]
     fixed = MaskRule(rule.source, rule.threshold, "fixed", rule.steps)
     curve = {}
     for t in grid:
-        dices = [scores(confusion(fixed.mask(a, t), m))["dice"] for a, m in zip(activations, truths)]
+        dices = [scores(confusion(fixed.mask(a, t), m))["dice"] for a, m in zip(refined, truths)]
         curve[float(t)] = float(np.mean(dices))
     best = max(curve, key=curve.get)
     return best, curve

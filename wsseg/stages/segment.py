@@ -71,9 +71,10 @@ def pseudo_mask_source(dataset: SegmentationDataset, rule: Optional[MaskRule] = 
     def compute(index: int) -> np.ndarray:
         if _is_negative(dataset, index):
             return np.zeros(dataset.image_size(index), np.uint8)
-        activation = rule.activation(dataset, index, map_dirs)
-        mask = rule.mask(activation).astype(np.uint8)
+        refined = rule.refined(dataset, index, map_dirs)
+        mask = rule.mask(refined).astype(np.uint8)
         if ignore_band is not None:
+            activation = refined.activation
             mask[(activation >= ignore_band[0]) & (activation < ignore_band[1])] = IGNORE
         return mask
 
