@@ -18,7 +18,7 @@ from conftest import TINY_MODEL, tiny_demo_overrides
 from wsseg.cli.main import main
 from wsseg.config_schema import BackboneConfig, ClassifierConfig, DatasetConfig
 from wsseg.data import create_dataset
-from wsseg.errors import DataError, WssegError
+from wsseg.errors import ConfigError, DataError, WssegError
 from wsseg.runner import prepare_run_dir
 from wsseg.training import NonFiniteLoss
 
@@ -373,3 +373,42 @@ def test_atomic_mask_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_mask_png(tmp_path / "m.png", np.ones((4, 4), bool))
     assert not (tmp_path / "m.png").exists()
+
+
+def test_unet_encoder_from_the_trained_classifier(tmp_path, monkeypatch):
+    import wsseg.stages.segment
+    from wsseg.models.classifier import load_classifier
+
+    built = []
+
+    def recording_build(encoder, weights):
+        model = original(encoder, weights)
+        built.append({k: v.clone() for k, v in model.encoder.model.state_dict().items()})
+        return model
+
+    original = wsseg.stages.segment.build_unet
+    monkeypatch.setattr(wsseg.stages.segment, "build_unet", recording_build)
+    out = tmp_path / "run"
+    # CCAM's maps (polarity from the border cue) do not need the classifier: it is trained for the U-Net alone.
+    overrides = tiny_demo_overrides(("ccam",)) + ["segment.masks=ccam", "ccam.0.polarity=border", "export.enabled=false",
+                                                  "pseudo_masks.variants=[]", "segment.self_training_rounds=0",
+                                                  "segment.encoder_weights=classifier"]
+    assert main(["recipe", "run", "demo", "--out", str(out), *overrides]) == 0
+    classifier, _ = load_classifier(out / "checkpoints" / "classifier.pth")
+    trained = classifier.state_dict()
+    assert len(built) == 1 and built[0]  # the encoder started from the classifier's trained weights
+    assert all(torch.equal(value, trained[key]) for key, value in built[0].items() if key in trained)
+    assert sum(key in trained for key in built[0]) == len(built[0])
+    # Another classifier is another starting point: the U-Net trains again on the same maps.
+    assert main(["recipe", "run", "--resume", str(out), "classifier.epochs=2"]) == 0
+    skipped = json.loads((out / "metrics.json").read_text()).get("resumed_skipped_stages", [])
+    assert "maps_ccam" in skipped and "classifier" not in skipped and "unet" not in skipped and len(built) == 2
+
+
+def test_unet_encoder_from_the_classifier_needs_its_backbone():
+    from wsseg.config import parse_recipe
+
+    with pytest.raises(ConfigError, match=r"segment.encoder_weights: 'classifier' needs the classifier's backbone"):
+        parse_recipe({"maps": {"methods": ["gradcam"]}, "classifier": {"train": [{"name": "synthetic"}]},
+                      "segment": {"masks": "gradcam", "train": [{"name": "synthetic"}], "encoder": "resnet18",
+                                  "encoder_weights": "classifier"}})

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from wsseg.config_schema import CLASSIFIER_SCHEDULES, RecipeConfig
+from wsseg.config_schema import CLASSIFIER_SCHEDULES, CLASSIFIER_WEIGHTS, RecipeConfig
 from wsseg.errors import ConfigError, UnknownNameError
 
 _MISSING = object()
@@ -152,6 +152,14 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             problems.append(f"segment.ignore_band: expected [low, high] with 0 <= low <= high <= 1, got {band}")
         if not config.segment.train:
             problems.append("segment.train: at least one dataset is needed")
+        if config.segment.encoder_weights == CLASSIFIER_WEIGHTS:
+            if config.classifier is None:
+                problems.append("segment.encoder_weights: 'classifier' needs a classifier section (its trained "
+                                "backbone initialises the U-Net's encoder)")
+            expected = f"tu-{config.backbone.name}"
+            if config.segment.encoder not in (None, expected):
+                problems.append(f"segment.encoder_weights: 'classifier' needs the classifier's backbone as encoder "
+                                f"({expected} or unset), got segment.encoder={config.segment.encoder}")
         if config.segment.image_size % 32:
             problems.append(f"segment.image_size: the U-Net downsamples 5 times, so it must be a multiple of 32, "
                             f"got {config.segment.image_size}")

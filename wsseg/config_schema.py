@@ -26,6 +26,7 @@ class DatasetConfig:
 
 
 CLASSIFIER_SCHEDULES = ("alternate", "concat")
+CLASSIFIER_WEIGHTS = "classifier"  # segment.encoder_weights: start the U-Net's encoder from the trained classifier
 
 
 @dataclass
@@ -108,6 +109,7 @@ class SegmentConfig:
     masks: str = "ccam"
     train: List[DatasetConfig] = field(default_factory=list)
     encoder: Optional[str] = None
+    # None: backbone.weights; a weight source or file; CLASSIFIER_WEIGHTS: the run's trained classifier.
     encoder_weights: Optional[str] = None
     image_size: int = 256
     epochs: int = 10

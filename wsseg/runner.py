@@ -26,7 +26,7 @@ from wsseg.cams.base import MapMethod
 from wsseg.cams.ccam import CCAMMaps, CCAMOnnxMaps
 from wsseg.cams.tta import TTAMaps
 from wsseg.config import to_yaml
-from wsseg.config_schema import RecipeConfig
+from wsseg.config_schema import CLASSIFIER_WEIGHTS, RecipeConfig
 from wsseg.data import create_dataset
 from wsseg.data.base import SegmentationDataset, concat_datasets
 from wsseg.errors import ConfigError, WssegError
@@ -170,6 +170,7 @@ class RecipeRun:
         self.metrics: Dict[str, Any] = {}
         self.artifacts: Dict[str, Path] = {}
         self.classifier_ckpt: Optional[Path] = None
+        self.classifier_fp: Optional[str] = None
         self.skipped_stages: List[str] = []
 
     def dataset(self, config, key: str) -> SegmentationDataset:
@@ -240,7 +241,8 @@ class RecipeRun:
         ccam_configs = {c.name: c for c in config.ccam if c.name in config.maps.methods}
         cam_methods = [m for m in config.maps.methods if m not in ccam_configs and requires_classifier(m)]
         classifier_fp = None
-        if cam_methods or any(c.init == "classifier" for c in ccam_configs.values()):
+        unet_from_classifier = config.segment is not None and config.segment.encoder_weights == CLASSIFIER_WEIGHTS
+        if cam_methods or unet_from_classifier or any(c.init == "classifier" for c in ccam_configs.values()):
             if config.classifier is None:
                 raise ConfigError(f"maps.methods {config.maps.methods} need a classifier section")
             classifier_fp = fingerprint(config.classifier, config.backbone, config.seed, config.on_bad_image)
@@ -252,7 +254,7 @@ class RecipeRun:
 
             with self.timer("classifier"):
                 result = self.cached("classifier", classifier_fp, train, lambda r: [Path(r["checkpoint"])])
-            self.classifier_ckpt = Path(result["checkpoint"])
+            self.classifier_ckpt, self.classifier_fp = Path(result["checkpoint"]), classifier_fp
             self.metrics["classifier"] = result["metrics"]
         producers: Dict[str, MapProducer] = {}
         if cam_methods:
@@ -408,13 +410,17 @@ class RecipeRun:
         source = pseudo_mask_source(train_set, rule, map_dirs, seg.ignore_band,
                                     cache_dir=None if rule is None else
                                     self.out_dir / "train_masks" / f"{seg.masks}-{fingerprint(upstream, seg.ignore_band)}")
+        encoder_from = []  # only when set, so that other runs keep their U-Net digests
+        if seg.encoder_weights == CLASSIFIER_WEIGHTS:
+            seg = replace(seg, encoder_weights=str(self.classifier_ckpt))
+            encoder_from = [self.classifier_fp]
         out: Dict[str, Path] = {}
         rounds = seg.self_training_rounds
         for round_index in range(rounds + 1):
             name = "unet" if round_index == rounds else f"unet_round{round_index}"
             # Not the number of rounds: round k of a run with more rounds is the final U-Net of one with k.
-            digest = fingerprint(replace(seg, self_training_rounds=0), self.config.backbone, self.config.seed,
-                                 upstream, round_index)
+            digest = fingerprint(replace(self.config.segment, self_training_rounds=0), self.config.backbone,
+                                 self.config.seed, upstream, round_index, *encoder_from)
 
             def train(name=name, source=source, digest=digest, round_index=round_index):
                 earlier = self.finished_stage("unet", digest) if name != "unet" else None
