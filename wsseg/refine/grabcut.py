@@ -33,7 +33,8 @@ def grabcut(mask: np.ndarray, image: Optional[np.ndarray] = None, source_map: Op
             sure_above: float = 0.3, sure_below: float = 0.15, iterations: int = 5, max_side: int = 256,
             **_) -> np.ndarray:
     """Refine `mask` with GrabCut; certain object where the source map is `sure_above` over its Otsu
-    level, certain background where it is `sure_below` under it. An empty mask stays empty."""
+    level, certain background where it is `sure_below` under it. With too few pixels on either side to
+    fit the colour models, the mask comes back as it was."""
     if image is None or source_map is None:
         raise ConfigError("refinement 'grabcut' needs the image and the source map (use it in a pseudo-mask "
                           "variant, after the threshold)")
