@@ -62,9 +62,6 @@ class MaskRule:
         activation = refine_map(maps[self.source], image, self.steps, maps)
         return RefinedMap(activation, image, maps[self.source] if needs_source_map(self.steps) else None)
 
-    def activation(self, dataset: SegmentationDataset, index: int, map_dirs: Dict[str, Path]) -> np.ndarray:
-        return self.refined(dataset, index, map_dirs).activation
-
     def mask(self, refined: Union[RefinedMap, np.ndarray], threshold: Optional[float] = None) -> np.ndarray:
         if not isinstance(refined, RefinedMap):
             refined = RefinedMap(refined)
