@@ -8,7 +8,7 @@ unrefined source map. Order: map steps -> threshold -> mask steps.
 from __future__ import annotations
 
 import inspect
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -94,6 +94,12 @@ def fill_holes(mask: np.ndarray, **_) -> np.ndarray:
     cv2.floodFill(flood, None, (0, 0), 1)
     holes = flood == 0
     return (padded.astype(bool) | holes)[1:-1, 1:-1]
+
+
+def working_size(height: int, width: int, max_side: int) -> Tuple[Tuple[int, int], float]:
+    """(width, height) for cv2.resize with the longer side at most `max_side`, and the scale (<= 1)."""
+    scale = min(1.0, max_side / max(height, width))
+    return (max(1, round(width * scale)), max(1, round(height * scale))), scale
 
 
 def otsu_threshold(activation: np.ndarray) -> float:

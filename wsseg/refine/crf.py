@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from wsseg.errors import ConfigError
-from wsseg.refine import MAP_STEPS, otsu_threshold
+from wsseg.refine import MAP_STEPS, otsu_threshold, working_size
 
 
 def crf_available() -> bool:
@@ -50,8 +50,7 @@ def dense_crf(activation: np.ndarray, image: np.ndarray, center: str = "otsu", s
     except ImportError as exc:
         raise ConfigError("refinement 'dense_crf' needs the pydensecrf2 package: pip install \"wsseg[crf]\"") from exc
     height, width = activation.shape
-    scale = min(1.0, max_side / max(height, width))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    size, scale = working_size(height, width, max_side)
     small_image = cv2.resize(image, size, interpolation=cv2.INTER_AREA) if scale < 1 else image
     small_map = cv2.resize(activation.astype(np.float32), size, interpolation=cv2.INTER_LINEAR) if scale < 1 \
         else activation.astype(np.float32)

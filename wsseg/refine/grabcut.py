@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from wsseg.errors import ConfigError
-from wsseg.refine import MASK_STEPS, otsu_threshold
+from wsseg.refine import MASK_STEPS, otsu_threshold, working_size
 
 MIN_SAMPLES = 10  # each of GrabCut's two colour models is a 5-component GMM fitted by k-means
 
@@ -40,8 +40,7 @@ def grabcut(mask: np.ndarray, image: Optional[np.ndarray] = None, source_map: Op
                           "variant, after the threshold)")
     mask = mask.astype(bool)
     height, width = mask.shape
-    scale = min(1.0, max_side / max(height, width))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    size, _ = working_size(height, width, max_side)
     small_image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     small_map = cv2.resize(source_map.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
     small_mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
