@@ -6,13 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import pytest
 import torch
 from PIL import Image
 
-from wsseg.config_schema import DatasetConfig
+from wsseg.config_schema import DatasetConfig, RefineStepConfig
 from wsseg.data import create_dataset
 from wsseg.deploy.bench import bench_inference, bench_maps, map_method_callables
 from wsseg.deploy.onnx_export import ProbabilityHead, export_segmenter, export_segmenter_model, read_metadata
@@ -21,7 +22,8 @@ from wsseg.deploy.quantize import (choose_keep_float, describe_kept_float, encod
 from wsseg.deploy.static_padding import same_padding, with_static_same_padding
 from wsseg.models.segmenter import SegmenterMeta, build_unet, load_segmenter, save_segmenter
 from wsseg.stages.pseudo_masks import MaskRule
-from wsseg.stages.segment import IGNORE, predict_masks, pseudo_mask_source, segmentation_loss
+from wsseg.stages.segment import (IGNORE, confident_mask_source, predict_masks, pseudo_mask_source,
+                                  segmentation_loss)
 from wsseg_infer.runtime import InputError, Segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,6 +229,31 @@ def test_pseudo_mask_source_negatives_band_and_ground_truth(tmp_path):
             assert mask[0, -1] == 1 and mask[0, 0] == 0 and mask[0, 16] == IGNORE
     truth = pseudo_mask_source(dataset, None)
     assert np.array_equal(truth(0), dataset.load_mask(0).astype(np.uint8))
+
+
+def test_self_training_labels_refined_band_ignored_and_cached(tmp_path):
+    dataset = create_dataset(DatasetConfig("synthetic", None, "train", options={"n": 6, "size": 32,
+                                                                                "negative_fraction": 0.5}))
+    prob = np.zeros((32, 32), np.float32)
+    prob[2:12, 2:12] = 0.9    # the larger confident blob
+    prob[20:24, 20:24] = 0.8  # a smaller one, which largest_component drops
+    prob[2:12, 12:14] = 0.6   # an uncertain fringe, inside the band
+    for record in dataset.records:
+        np.save(tmp_path / f"{record.stem}.npy", prob.astype(np.float16))
+    positive = next(i for i, r in enumerate(dataset.records) if r.label == dataset.positive_index)
+    negative = next(i for i, r in enumerate(dataset.records) if r.label != dataset.positive_index)
+    plain = confident_mask_source(dataset, tmp_path, [0.3, 0.7])(positive)
+    assert plain[21, 21] == 1 and plain[5, 5] == 1 and plain[5, 12] == IGNORE and plain[30, 30] == 0
+    cache = tmp_path / "cache"
+    refined_source = confident_mask_source(dataset, tmp_path, [0.5, 0.5], [RefineStepConfig("largest_component")],
+                                           cache_dir=cache)
+    refined = refined_source(positive)
+    assert refined[21, 21] == 0 and refined[5, 5] == 1 and refined[5, 12] == 1  # empty band: nothing ignored
+    assert not refined_source(negative).any()
+    cached = cache / f"{positive:06d}.png"
+    assert cached.is_file()
+    cv2.imwrite(str(cached), np.zeros_like(refined))  # a second call reads the cache, not the maps
+    assert not refined_source(positive).any()
 
 
 

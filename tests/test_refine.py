@@ -90,6 +90,12 @@ def test_variant_validation_names_the_key():
     assert "pseudo_masks.variants.0.refine.1.options.size: unknown option" in text
     assert "calibrated needs pseudo_masks.calibrate.dataset" in text
     assert set(list_refinements()) >= {"guided_filter", "bilateral", "gate", "largest_component", "otsu"} - {"otsu"}
+    with pytest.raises(ConfigError) as err:
+        parse_recipe({**base, "segment": {"masks": "gradcam", "train": [{"name": "synthetic"}],
+                                          "self_training_refine": [{"name": "blur"},
+                                                                   {"name": "gate", "other": "gradcam"}]}})
+    assert "segment.self_training_refine.0.name: unknown refinement 'blur'" in str(err.value)
+    assert "segment.self_training_refine.1.other: a self-training round has only the U-Net's" in str(err.value)
 
 
 def test_dense_crf_snaps_a_blurry_map_to_the_object():

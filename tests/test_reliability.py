@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -178,6 +179,33 @@ def test_adding_a_self_training_round_reuses_the_finished_unet(tmp_path):
     assert (out / "checkpoints" / "unet_round0.pth").read_bytes() == first_unet
     assert second["unet_round0"]["dice"] == first["unet"]["dice"]
     assert (out / "checkpoints" / "unet.pth").read_bytes() != first_unet
+
+
+def test_a_moved_run_resumes_and_self_training_refines_its_labels(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    overrides = tiny_demo_overrides(("gradcam",)) + ["segment.masks=gradcam", "export.enabled=false",
+                                                     "pseudo_masks.variants=[]", "segment.self_training_rounds=0"]
+    assert main(["recipe", "run", "demo", "--out", str(out), *overrides]) == 0
+    moved = tmp_path / "elsewhere" / "run_copy"
+    moved.parent.mkdir()
+    out.rename(moved)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # stage records must not depend on the working directory
+    assert main(["recipe", "run", "--resume", "run_copy", "segment.self_training_rounds=1",
+                 "segment.self_training_refine=[{name: largest_component}]"]) == 0
+    second = json.loads((moved / "metrics.json").read_text())
+    assert {"classifier", "unet_round0"} <= set(second["resumed_skipped_stages"])
+    labels = list((moved / "train_masks").glob("unet_round0-*"))
+    assert len(labels) == 1 and any(labels[0].glob("*.png"))
+    for path in labels[0].glob("*.png"):  # one object per image after largest_component
+        mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        assert cv2.connectedComponents((mask == 1).astype(np.uint8))[0] <= 2
+    record = json.loads((moved / "stages" / "unet.json").read_text())
+    assert record["result"]["checkpoint"] == "{run}/checkpoints/unet.pth"
+    # A refinement of the U-Net's own output is a different next round: trained again, round 0 kept.
+    assert main(["recipe", "run", "--resume", "run_copy", "segment.self_training_rounds=1",
+                 "segment.self_training_refine=[{name: fill_holes}]"]) == 0
+    third = json.loads((moved / "metrics.json").read_text())
+    assert "unet_round0" in third["resumed_skipped_stages"] and "unet" not in third["resumed_skipped_stages"]
 
 
 def test_fitted_maps_learn_from_maps_fit_dataset_and_refit_when_it_changes(tmp_path, monkeypatch):

@@ -104,7 +104,9 @@ class CCAMConfig:
 class SegmentConfig:
     """U-Net trained on the pseudo-masks of one producer (`masks: <method>`) or on the real masks
     (`masks: ground_truth`, the fully supervised upper bound). `ignore_band: [low, high]` leaves map
-    values in between out of the loss."""
+    values in between out of the loss. Each self-training round learns from the previous U-Net's train
+    probabilities: refined by `self_training_refine` (wsseg.refine steps, e.g. grabcut) when given, its
+    pixels inside `confident_band` ignored."""
 
     masks: str = "ccam"
     train: List[DatasetConfig] = field(default_factory=list)
@@ -120,6 +122,7 @@ class SegmentConfig:
     threshold: float = 0.5
     self_training_rounds: int = 0
     confident_band: List[float] = field(default_factory=lambda: [0.3, 0.7])
+    self_training_refine: List[RefineStepConfig] = field(default_factory=list)
     vertical_flip: bool = True
     num_workers: int = 0
     amp: bool = True

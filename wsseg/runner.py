@@ -26,7 +26,7 @@ from wsseg.cams.base import MapMethod
 from wsseg.cams.ccam import CCAMMaps, CCAMOnnxMaps
 from wsseg.cams.tta import TTAMaps
 from wsseg.config import to_yaml
-from wsseg.config_schema import CLASSIFIER_WEIGHTS, RecipeConfig
+from wsseg.config_schema import CLASSIFIER_WEIGHTS, RecipeConfig, SegmentConfig
 from wsseg.data import create_dataset
 from wsseg.data.base import SegmentationDataset, concat_datasets
 from wsseg.errors import ConfigError, WssegError
@@ -184,10 +184,36 @@ class RecipeRun:
         marker = self.out_dir / "stages" / f"{key}.json"
         if not (self.resume and marker.is_file()):
             return None
-        saved = json.loads(marker.read_text())
+        saved = self._from_stored(json.loads(marker.read_text()))
         if saved.get("fingerprint") != digest or not all(Path(p).exists() for p in saved.get("outputs", [])):
             return None
         return saved["result"]
+
+    # Paths inside the run folder are stored relative to it, so that a run still resumes when it is
+    # moved or copied, or resumed from another working directory.
+    RUN_PREFIX = "{run}/"
+
+    def _to_stored(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: self._to_stored(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._to_stored(v) for v in value]
+        if isinstance(value, str) and value and Path(value).exists():
+            try:
+                inside = Path(value).resolve().relative_to(self.out_dir.resolve())
+            except (ValueError, OSError):
+                return value
+            return self.RUN_PREFIX + inside.as_posix()
+        return value
+
+    def _from_stored(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: self._from_stored(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._from_stored(v) for v in value]
+        if isinstance(value, str) and value.startswith(self.RUN_PREFIX):
+            return str(self.out_dir / value[len(self.RUN_PREFIX):])
+        return value
 
     def cached(self, key: str, digest: str, fn: Callable[[], Any], outputs: Callable[[Any], List[Path]] = None):
         """Run `fn` unless a finished stage with the same fingerprint and existing outputs is on disk."""
@@ -198,8 +224,10 @@ class RecipeRun:
             return saved
         result = fn()
         if dist.is_main():
-            write_json(self.out_dir / "stages" / f"{key}.json", {"fingerprint": digest, "result": result,
-                                "outputs": [str(p) for p in (outputs(result) if outputs else [])]})
+            outputs_list = [str(p) for p in (outputs(result) if outputs else [])]
+            write_json(self.out_dir / "stages" / f"{key}.json",
+                       {"fingerprint": digest, "result": self._to_stored(result),
+                        "outputs": self._to_stored(outputs_list)})
         dist.barrier()
         return result
 
@@ -419,8 +447,11 @@ class RecipeRun:
         for round_index in range(rounds + 1):
             name = "unet" if round_index == rounds else f"unet_round{round_index}"
             # Not the number of rounds: round k of a run with more rounds is the final U-Net of one with k.
-            digest = fingerprint(replace(self.config.segment, self_training_rounds=0), self.config.backbone,
-                                 self.config.seed, upstream, round_index, *encoder_from)
+            # Round 0 learns from the pseudo-masks: how later rounds make their labels is not its input.
+            own = replace(self.config.segment, self_training_rounds=0) if round_index else \
+                replace(self.config.segment, self_training_rounds=0, self_training_refine=[],
+                        confident_band=SegmentConfig().confident_band)
+            digest = fingerprint(own, self.config.backbone, self.config.seed, upstream, round_index, *encoder_from)
 
             def train(name=name, source=source, digest=digest, round_index=round_index):
                 earlier = self.finished_stage("unet", digest) if name != "unet" else None
@@ -449,7 +480,9 @@ class RecipeRun:
                     write_probabilities(model, meta, train_set, prob_dir, self.device, seg.batch_size, self.progress,
                                         indices=dist.shard(range(len(train_set))))
                     dist.barrier()
-                    source = confident_mask_source(train_set, prob_dir, seg.confident_band)
+                    source = confident_mask_source(
+                        train_set, prob_dir, seg.confident_band, seg.self_training_refine,
+                        cache_dir=self.out_dir / "train_masks" / f"{name}-{fingerprint(digest, seg.confident_band, seg.self_training_refine)}")
                     upstream = digest
             dist.barrier()
         self.artifacts["unet"] = self.out_dir / "checkpoints" / "unet.pth"

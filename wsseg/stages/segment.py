@@ -23,6 +23,7 @@ from wsseg.progress import ProgressFn, no_progress
 from wsseg import distributed as dist
 from wsseg.stages.common import cosine_lambda, eval_loader, param_groups, write_json
 from wsseg.training import fit, state_file, training_loader
+from wsseg.refine import needs_image, refine_map, threshold_and_clean
 from wsseg.stages.pseudo_masks import MaskRule
 
 log = logging.getLogger("wsseg")
@@ -54,20 +55,6 @@ def pseudo_mask_source(dataset: SegmentationDataset, rule: Optional[MaskRule] = 
     def from_ground_truth(index: int) -> np.ndarray:
         return dataset.load_mask(index).astype(np.uint8)
 
-    def from_map(index: int) -> np.ndarray:
-        cached = Path(cache_dir) / f"{index:06d}.png" if cache_dir is not None else None
-        if cached is not None and cached.is_file():
-            mask = cv2.imread(str(cached), cv2.IMREAD_UNCHANGED)
-            if mask is not None:
-                return mask
-        mask = compute(index)
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.tmp.png")  # data-loader workers write too
-            cv2.imwrite(str(tmp), mask)
-            os.replace(tmp, cached)
-        return mask
-
     def compute(index: int) -> np.ndarray:
         if _is_negative(dataset, index):
             return np.zeros(dataset.image_size(index), np.uint8)
@@ -78,23 +65,52 @@ def pseudo_mask_source(dataset: SegmentationDataset, rule: Optional[MaskRule] = 
             mask[(activation >= ignore_band[0]) & (activation < ignore_band[1])] = IGNORE
         return mask
 
-    return from_ground_truth if rule is None else from_map
+    return from_ground_truth if rule is None else cached_masks(compute, cache_dir)
 
 
-def confident_mask_source(dataset: SegmentationDataset, prob_dir: Path,
-                          band: List[float]) -> Callable[[int], np.ndarray]:
-    """Self-training labels from saved U-Net probabilities: confident pixels; those inside `band` are ignored."""
+def cached_masks(compute: Callable[[int], np.ndarray], cache_dir: Optional[Path]) -> Callable[[int], np.ndarray]:
+    """`compute` with each mask kept as `cache_dir/<index>.png` after its first call (none kept without
+    `cache_dir`). The folder must be specific to what `compute` does: the runner names it by a fingerprint."""
+    if cache_dir is None:
+        return compute
+
     def source(index: int) -> np.ndarray:
+        cached = Path(cache_dir) / f"{index:06d}.png"
+        if cached.is_file():
+            mask = cv2.imread(str(cached), cv2.IMREAD_UNCHANGED)
+            if mask is not None:
+                return mask
+        mask = compute(index)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.tmp.png")  # data-loader workers write too
+        cv2.imwrite(str(tmp), mask)
+        os.replace(tmp, cached)
+        return mask
+
+    return source
+
+
+def confident_mask_source(dataset: SegmentationDataset, prob_dir: Path, band: List[float],
+                          refine: Sequence = (), cache_dir: Optional[Path] = None) -> Callable[[int], np.ndarray]:
+    """Self-training labels from saved U-Net probabilities: thresholded at 0.5 after the `refine` steps
+    (wsseg.refine; GrabCut sees the probability as its source map), pixels whose probability lies inside
+    `band` ignored."""
+    def compute(index: int) -> np.ndarray:
         height, width = dataset.image_size(index)
         if _is_negative(dataset, index):
             return np.zeros((height, width), np.uint8)
         saved = np.load(Path(prob_dir) / f"{dataset.records[index].stem}.npy").astype(np.float32)
         prob = cv2.resize(saved, (width, height), interpolation=cv2.INTER_LINEAR)
-        mask = (prob >= 0.5).astype(np.uint8)
+        if refine:
+            image = dataset.load_image(index) if needs_image(refine) else None
+            mask = threshold_and_clean(refine_map(prob, image, refine), refine, 0.5, "fixed", image, prob)
+            mask = mask.astype(np.uint8)
+        else:
+            mask = (prob >= 0.5).astype(np.uint8)
         mask[(prob > band[0]) & (prob < band[1])] = IGNORE
         return mask
 
-    return source
+    return cached_masks(compute, cache_dir)
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
