@@ -194,6 +194,7 @@ def test_a_moved_run_resumes_and_self_training_refines_its_labels(tmp_path, monk
                  "segment.self_training_refine=[{name: largest_component}]"]) == 0
     second = json.loads((moved / "metrics.json").read_text())
     assert {"classifier", "unet_round0"} <= set(second["resumed_skipped_stages"])
+    assert 0 <= second["unet_round0_refined"]["dice"] <= 1  # round 1's labels, made on the eval images too
     labels = list((moved / "train_masks").glob("unet_round0-*"))
     assert len(labels) == 1 and any(labels[0].glob("*.png"))
     for path in labels[0].glob("*.png"):  # one object per image after largest_component

@@ -475,6 +475,11 @@ class RecipeRun:
                 out[name] = self.out_dir / "masks" / name
                 predict_masks(model, meta, eval_set, out[name], self.device, seg.batch_size, self.progress,
                               indices=dist.shard(range(len(eval_set))))
+                if round_index < rounds and seg.self_training_refine:  # the next round's labels, on val too
+                    out[f"{name}_refined"] = self.out_dir / "masks" / f"{name}_refined"
+                    predict_masks(model, meta, eval_set, out[f"{name}_refined"], self.device, seg.batch_size,
+                                  self.progress, indices=dist.shard(range(len(eval_set))),
+                                  refine=seg.self_training_refine)
                 if round_index < rounds:  # the next round learns from this model's confident pixels
                     prob_dir = self.out_dir / "maps_train" / name
                     write_probabilities(model, meta, train_set, prob_dir, self.device, seg.batch_size, self.progress,

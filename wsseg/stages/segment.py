@@ -101,16 +101,20 @@ def confident_mask_source(dataset: SegmentationDataset, prob_dir: Path, band: Li
             return np.zeros((height, width), np.uint8)
         saved = np.load(Path(prob_dir) / f"{dataset.records[index].stem}.npy").astype(np.float32)
         prob = cv2.resize(saved, (width, height), interpolation=cv2.INTER_LINEAR)
-        if refine:
-            image = dataset.load_image(index) if needs_image(refine) else None
-            mask = threshold_and_clean(refine_map(prob, image, refine), refine, 0.5, "fixed", image, prob)
-            mask = mask.astype(np.uint8)
-        else:
-            mask = (prob >= 0.5).astype(np.uint8)
+        mask = refined_mask(prob, dataset, index, refine).astype(np.uint8)
         mask[(prob > band[0]) & (prob < band[1])] = IGNORE
         return mask
 
     return cached_masks(compute, cache_dir)
+
+
+def refined_mask(prob: np.ndarray, dataset: SegmentationDataset, index: int, refine: Sequence = (),
+                 threshold: float = 0.5) -> np.ndarray:
+    """A U-Net probability (at the image's size) through `refine` steps and `threshold`: a boolean mask."""
+    if not refine:
+        return prob >= threshold
+    image = dataset.load_image(index) if needs_image(refine) else None
+    return threshold_and_clean(refine_map(prob, image, refine), refine, threshold, "fixed", image, prob) > 0
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -189,14 +193,16 @@ def _probability_batches(model, meta: SegmenterMeta, dataset: SegmentationDatase
 
 def predict_masks(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset, out_dir: Optional[Path],
                   device: torch.device, batch_size: int = 8, progress: ProgressFn = no_progress,
-                  keep: bool = False, indices: Optional[Sequence[int]] = None) -> List[np.ndarray]:
-    """Masks at each image's own size; written as `out_dir/<stem>.png` when `out_dir` is given
-    (for `indices` only, e.g. this rank's shard). Returns the masks when `keep`."""
+                  keep: bool = False, indices: Optional[Sequence[int]] = None,
+                  refine: Sequence = ()) -> List[np.ndarray]:
+    """Masks at each image's own size, after the `refine` steps if any; written as `out_dir/<stem>.png`
+    when `out_dir` is given (for `indices` only, e.g. this rank's shard). Returns the masks when `keep`."""
     kept = []
     for index, prob in _probability_batches(model, meta, dataset, device, batch_size, progress, indices,
                                             "unet predict"):
         height, width = dataset.image_size(index)
-        mask = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR) >= meta.threshold
+        prob = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
+        mask = refined_mask(prob, dataset, index, refine, meta.threshold)
         if out_dir is not None:
             write_mask_png(Path(out_dir) / f"{dataset.records[index].stem}.png", mask)
         if keep:
