@@ -66,6 +66,24 @@ def test_runtime_matches_torch_and_keeps_image_sizes(exported):
         assert (t == o).mean() > 0.97  # resizing libraries differ by a pixel here and there
 
 
+def test_runtime_preprocessing_is_the_training_pipelines(tmp_path):
+    """Deployment feeds the model what it saw in training: the same reduction and plain bilinear resize
+    (an antialiased resize here measured about 0.01 Dice lower on Kvasir-SEG val)."""
+    from wsseg.data.io import read_image
+    from wsseg.data.transforms import eval_transform
+    from wsseg_infer.runtime import ModelInfo, load_image, preprocess, reduction_factor
+
+    assert [reduction_factor(w, 600, 256) for w in (300, 600, 1100, 2100)] == [1, 2, 2, 2]
+    assert reduction_factor(4200, 2100, 256) == 8 and reduction_factor(4200, 1100, 256) == 4
+    info = ModelInfo("segmenter", 64, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 0.5, [], "test")
+    noise = np.random.default_rng(0).integers(0, 256, (330, 270, 3), dtype=np.uint8)  # aliasing shows on noise
+    Image.fromarray(noise).save(tmp_path / "big.png")
+    trained = eval_transform(64, info.mean, info.std)(image=read_image(tmp_path / "big.png", 128))["image"]
+    deployed = preprocess(load_image(tmp_path / "big.png"), info).transpose(1, 2, 0)
+    assert read_image(tmp_path / "big.png", 128).shape == (165, 135, 3)  # box-reduced by 2, like a JPEG draft
+    assert np.abs(trained - deployed).max() <= 1.01 / 255 / min(info.std)  # rounding of one 8-bit level
+
+
 def test_runtime_rejects_bad_inputs(exported, tmp_path):
     runtime = Segmenter(exported[1].path, device="cpu")
     with pytest.raises(InputError, match="float32"):

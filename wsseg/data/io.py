@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from wsseg.errors import DataError
+from wsseg_infer.runtime import reduction_factor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -46,9 +47,21 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 def read_image(path: Path, max_side: Optional[int] = None) -> np.ndarray:
     """Read an image as HxWx3 uint8 RGB: grayscale, RGBA, palette and 16-bit inputs are converted.
 
-    `max_side` lets large JPEGs decode at a reduced scale that still covers it (for training crops).
+    `max_side` lets large JPEGs decode at a reduced scale that still covers it (1/2, 1/4 or 1/8; other
+    formats are box-reduced by the same factor), for model inputs of at most half that side.
     """
     image = _open(path, max_side)
+    array = _as_rgb(image)
+    if max_side is not None and image.format != "JPEG":
+        # Other formats get the reduction a JPEG decoder applies, so that every input reaches the model
+        # the way wsseg_infer.preprocess prepares it at deployment.
+        factor = reduction_factor(array.shape[1], array.shape[0], max_side)
+        if factor > 1:
+            array = np.asarray(Image.fromarray(array).reduce(factor))
+    return array
+
+
+def _as_rgb(image: Image.Image) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = _to_uint8(np.asarray(image))
         return np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array[..., :3]
