@@ -92,9 +92,11 @@ def test_variant_validation_names_the_key():
     assert set(list_refinements()) >= {"guided_filter", "bilateral", "gate", "largest_component", "otsu"} - {"otsu"}
     with pytest.raises(ConfigError) as err:
         parse_recipe({**base, "segment": {"masks": "gradcam", "train": [{"name": "synthetic"}],
+                                          "confident_band": [0.7, 0.3],
                                           "self_training_refine": [{"name": "blur"},
                                                                    {"name": "gate", "other": "gradcam"}]}})
     assert "segment.self_training_refine.0.name: unknown refinement 'blur'" in str(err.value)
+    assert "segment.confident_band: expected [low, high]" in str(err.value)
     assert "segment.self_training_refine.1.other: a self-training round has only the U-Net's" in str(err.value)
 
 

@@ -148,6 +148,10 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             problems.append(f"segment.masks: '{config.segment.masks}' must be ground_truth or one of "
                             f"maps.methods or pseudo_masks.variants ({', '.join(producers)})")
         band = config.segment.ignore_band
+        band = config.segment.confident_band
+        if not (len(band) == 2 and 0 <= band[0] <= band[1] <= 1):
+            problems.append(f"segment.confident_band: expected [low, high] with 0 <= low <= high <= 1 "
+                            f"([0.5, 0.5] ignores nothing), got {band}")
         problems += validate_steps(config.segment.self_training_refine, "segment.self_training_refine")
         for j, step in enumerate(config.segment.self_training_refine):
             if step.other is not None:
