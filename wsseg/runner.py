@@ -485,9 +485,9 @@ class RecipeRun:
                     write_probabilities(model, meta, train_set, prob_dir, self.device, seg.batch_size, self.progress,
                                         indices=dist.shard(range(len(train_set))))
                     dist.barrier()
-                    source = confident_mask_source(
-                        train_set, prob_dir, seg.confident_band, seg.self_training_refine,
-                        cache_dir=self.out_dir / "train_masks" / f"{name}-{fingerprint(digest, seg.confident_band, seg.self_training_refine)}")
+                    labels_fp = fingerprint(digest, seg.confident_band, seg.self_training_refine)
+                    source = confident_mask_source(train_set, prob_dir, seg.confident_band, seg.self_training_refine,
+                                                   cache_dir=self.out_dir / "train_masks" / f"{name}-{labels_fp}")
                     upstream = digest
             dist.barrier()
         self.artifacts["unet"] = self.out_dir / "checkpoints" / "unet.pth"
