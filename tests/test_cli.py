@@ -90,6 +90,13 @@ def test_demo_end_to_end_through_cli(tmp_path, capsys):
         assert pred.shape == ds.load_mask(i).shape
         dices.append(scores(confusion(pred, ds.load_mask(i)))["dice"])
     assert metrics["gradcam"]["dice"] == pytest.approx(float(np.mean(dices)))
+    # `wsseg export --int8` calibrates on the run's export.calibration_images unless told otherwise.
+    capsys.readouterr()
+    for extra, n_images in (([], 2), (["--calibration-images", "3"], 3)):
+        assert main(["export", str(out), "--out", str(tmp_path / "again.onnx"), "--int8", *extra]) == 0
+        printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+        assert f"masks vs fp32 on {n_images} calibration images" in printed
+    assert (tmp_path / "again.int8.onnx").is_file()
     # A second run into the same folder must not overwrite silently.
     assert main(["recipe", "run", "demo", "--out", str(out), *tiny_demo_overrides()]) == 2
     assert "already exists" in capsys.readouterr().err

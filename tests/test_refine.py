@@ -94,10 +94,16 @@ def test_variant_validation_names_the_key():
         parse_recipe({**base, "segment": {"masks": "gradcam", "train": [{"name": "synthetic"}],
                                           "confident_band": [0.7, 0.3],
                                           "self_training_refine": [{"name": "blur"},
-                                                                   {"name": "gate", "other": "gradcam"}]}})
+                                                                   {"name": "gate", "other": "gradcam"}]},
+                               "export": {"calibration_images": 0}})
     assert "segment.self_training_refine.0.name: unknown refinement 'blur'" in str(err.value)
     assert "segment.confident_band: expected [low, high]" in str(err.value)
+    assert "export.calibration_images: INT8 needs at least 1" in str(err.value)
     assert "segment.self_training_refine.1.other: a self-training round has only the U-Net's" in str(err.value)
+    with pytest.raises(ConfigError) as err:  # each band checked on its own
+        parse_recipe({**base, "segment": {"masks": "gradcam", "train": [{"name": "synthetic"}],
+                                          "ignore_band": [0.2, 1.5]}})
+    assert "segment.ignore_band: expected [low, high]" in str(err.value) and "confident_band" not in str(err.value)
 
 
 def test_dense_crf_snaps_a_blurry_map_to_the_object():

@@ -147,7 +147,6 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
         if config.segment.masks != "ground_truth" and config.segment.masks not in producers:
             problems.append(f"segment.masks: '{config.segment.masks}' must be ground_truth or one of "
                             f"maps.methods or pseudo_masks.variants ({', '.join(producers)})")
-        band = config.segment.ignore_band
         band = config.segment.confident_band
         if not (len(band) == 2 and 0 <= band[0] <= band[1] <= 1):
             problems.append(f"segment.confident_band: expected [low, high] with 0 <= low <= high <= 1 "
@@ -157,6 +156,7 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             if step.other is not None:
                 problems.append(f"segment.self_training_refine.{j}.other: a self-training round has only the "
                                 f"U-Net's probabilities, no second map")
+        band = config.segment.ignore_band
         if band is not None and not (len(band) == 2 and 0 <= band[0] <= band[1] <= 1):
             problems.append(f"segment.ignore_band: expected [low, high] with 0 <= low <= high <= 1, got {band}")
         if not config.segment.train:
@@ -174,6 +174,9 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
                             f"got {config.segment.image_size}")
     if config.export is not None and config.export.enabled and config.segment is None:
         problems.append("export: needs a segment section (the model that is exported)")
+    if config.export is not None and config.export.calibration_images < 1:
+        problems.append(f"export.calibration_images: INT8 needs at least 1 calibration image, "
+                        f"got {config.export.calibration_images}")
     valid_methods = list_map_methods() + ccam_names
     for i, m in enumerate(config.maps.methods):
         if m not in valid_methods:

@@ -13,6 +13,9 @@ def add_parser(subparsers) -> None:
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static, calibrated)")
     export.add_argument("--data-root", type=Path, help="data root for the INT8 calibration images")
+    export.add_argument("--calibration-images", type=int, metavar="N",
+                        help="INT8 calibration images from the U-Net's training set (default: the run's "
+                             "export.calibration_images)")
     export.add_argument("--int8-keep-float", nargs="*", default=["/encoder/"], metavar="PATTERN",
                         help="ONNX node-name substrings that stay fp32 in the INT8 model (default: the encoder; "
                              "none: quantise everything; auto: measure each encoder stage on the calibration "
@@ -126,14 +129,13 @@ def cmd_export(args) -> int:
     console.print(f"[green]exported[/green] {report.path} (opset {report.opset}); parity at "
                   f"{report.parity_shape}: max |onnx - torch| = {report.max_abs_diff:.2e}")
     if args.int8:
-        from wsseg.deploy.quantize import calibration_batches, describe_kept_float, mask_agreement, quantize_int8
+        from wsseg.deploy.quantize import describe_kept_float, quantize_from_run
 
-        batches = calibration_batches(args.run_dir / "config.yaml", out, 16, args.data_root)
-        int8 = quantize_int8(out, out.with_name(out.stem + ".int8.onnx"), batches, args.int8_keep_float)
-        agreement = mask_agreement(out, int8, batches)
-        console.print(f"[green]INT8[/green] {int8} (fp32 kept: {describe_kept_float(int8)}); "
-                      f"masks vs fp32 on {len(batches)} calibration images: Dice {agreement['mask_dice_vs_fp32']:.4f}, "
-                      f"mean |prob diff| {agreement['mean_abs_prob_diff']:.4f}")
+        int8 = quantize_from_run(args.run_dir, args.calibration_images, args.data_root, args.int8_keep_float,
+                                 model_path=out)
+        console.print(f"[green]INT8[/green] {int8['path']} (fp32 kept: {describe_kept_float(Path(int8['path']))}); "
+                      f"masks vs fp32 on {int8['calibration_images']} calibration images: "
+                      f"Dice {int8['mask_dice_vs_fp32']:.4f}, mean |prob diff| {int8['mean_abs_prob_diff']:.4f}")
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -130,35 +130,45 @@ def _copy_metadata(source: Path, target: Path, extra: Dict[str, str]) -> None:
     onnx.save(dst, str(target))
 
 
-def calibration_batches(config_path: Path, model_path: Path, n_images: int, data_root=None) -> List[np.ndarray]:
-    """Preprocessed images from the run's segmenter training set (never the evaluation images)."""
+def calibration_batches(config, model_path: Path, n_images: int, data_root=None) -> List[np.ndarray]:
+    """Preprocessed images from the run's segmenter training set (never the evaluation images); `config`
+    is the run's RecipeConfig or the path of its config.yaml."""
     from wsseg.config import load_recipe
     from wsseg.data import create_dataset
     from wsseg.data.base import concat_datasets
     from wsseg_infer.runtime import ModelInfo, preprocess
     import onnxruntime as ort
 
-    config = load_recipe(str(config_path))
+    if isinstance(config, (str, Path)):
+        config = load_recipe(str(config))
     info = ModelInfo.from_session(ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]))
     train = concat_datasets([create_dataset(d, data_root) for d in config.segment.train])
     picks = np.linspace(0, len(train) - 1, min(n_images, len(train))).astype(int)
     return [preprocess(train.load_image(int(i)), info)[None] for i in picks]
 
 
-def quantize_from_run(run_dir: Path, n_images: int = 16, data_root=None,
-                      keep_float: Sequence[str] = DEFAULT_KEEP_FLOAT) -> Dict:
-    """`model.int8.onnx` beside the run's `model.onnx`, with its agreement with fp32 on the calibration images."""
-    run_dir = Path(run_dir)
-    batches = calibration_batches(run_dir / "config.yaml", run_dir / "model.onnx", n_images, data_root)
-    out = quantize_int8(run_dir / "model.onnx", run_dir / "model.int8.onnx", batches, keep_float)
-    agreement = mask_agreement(run_dir / "model.onnx", out, batches)
-    log.info("INT8 model written to %s (kept in fp32: %s); masks vs fp32 on %d calibration images: Dice %.4f",
-             out, describe_kept_float(out), len(batches), agreement["mask_dice_vs_fp32"])
+def quantize_from_run(run_dir: Path, n_images: Optional[int] = None, data_root=None,
+                      keep_float: Sequence[str] = DEFAULT_KEEP_FLOAT, model_path: Optional[Path] = None) -> Dict:
+    """The INT8 twin of a run's fp32 ONNX model (`model_path`, default `model.onnx`) beside it, with its
+    agreement with fp32 on the calibration images: `n_images` of them, default the run's
+    `export.calibration_images`."""
+    from wsseg.config import load_recipe
+    from wsseg.config_schema import ExportConfig
     from wsseg.deploy.onnx_export import read_metadata
 
+    run_dir = Path(run_dir)
+    model_path = Path(model_path) if model_path else run_dir / "model.onnx"
+    config = load_recipe(str(run_dir / "config.yaml"))
+    if n_images is None:
+        n_images = (config.export or ExportConfig()).calibration_images
+    batches = calibration_batches(config, model_path, n_images, data_root)
+    out = quantize_int8(model_path, model_path.with_name(model_path.stem + ".int8.onnx"), batches, keep_float)
+    agreement = mask_agreement(model_path, out, batches)
+    log.info("INT8 model written to %s (kept in fp32: %s); masks vs fp32 on %d calibration images: Dice %.4f",
+             out, describe_kept_float(out), len(batches), agreement["mask_dice_vs_fp32"])
     meta = read_metadata(out)
-    report = {"path": str(out), "calibration_images": n_images, "kept_float": json.loads(meta["int8_kept_float"]),
-              **agreement}
+    report = {"path": str(out), "calibration_images": len(batches),
+              "kept_float": json.loads(meta["int8_kept_float"]), **agreement}
     if "int8_stage_agreement" in meta:
         report["stage_agreement"] = json.loads(meta["int8_stage_agreement"])
     return report
