@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from wsseg.config_schema import DatasetConfig, RefineStepConfig
+from wsseg.config_schema import BackboneConfig, DatasetConfig, RefineStepConfig, SegmentConfig
 from wsseg.data import create_dataset
 from wsseg.deploy.bench import bench_inference, bench_maps, map_method_callables
 from wsseg.deploy.onnx_export import ProbabilityHead, export_segmenter, export_segmenter_model, read_metadata
@@ -22,8 +22,9 @@ from wsseg.deploy.quantize import (choose_keep_float, describe_kept_float, encod
 from wsseg.deploy.static_padding import same_padding, with_static_same_padding
 from wsseg.models.segmenter import SegmenterMeta, build_unet, load_segmenter, save_segmenter
 from wsseg.stages.pseudo_masks import MaskRule
+from wsseg.errors import ConfigError
 from wsseg.stages.segment import (IGNORE, confident_mask_source, predict_masks, pseudo_mask_source,
-                                  segmentation_loss)
+                                  segmentation_loss, train_segmenter)
 from wsseg_infer.runtime import InputError, Segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,6 +274,30 @@ def test_self_training_labels_refined_band_ignored_and_cached(tmp_path):
     cv2.imwrite(str(cached), np.zeros_like(refined))  # a second call reads the cache, not the maps
     assert not refined_source(positive).any()
 
+
+
+def test_segmenter_training_starts_from_a_given_unet(tmp_path):
+    """Self-training's `previous` start: at lr 0 the trained weights are the starting U-Net's, while a
+    fresh start is the encoder's initial weights."""
+    dataset = create_dataset(DatasetConfig("synthetic", None, "train", options={"n": 4, "size": 64}))
+    config = SegmentConfig(masks="ground_truth", encoder=TINY_ENCODER, encoder_weights="none", image_size=64,
+                           epochs=1, batch_size=2, lr=0.0, amp=False)
+    torch.manual_seed(1)
+    save_segmenter(tmp_path / "start.pth", build_unet(TINY_ENCODER, "none"),
+                   SegmenterMeta(TINY_ENCODER, 64, (0.5,) * 3, (0.5,) * 3, 0.5, trained_on="test"))
+
+    def trained(name, **kwargs):
+        result = train_segmenter(config, BackboneConfig(), dataset, pseudo_mask_source(dataset), tmp_path / name,
+                                 "cpu", name=name, **kwargs)
+        return dict(load_segmenter(result.checkpoint)[0].named_parameters())
+
+    start = dict(load_segmenter(tmp_path / "start.pth")[0].named_parameters())
+    fine_tuned, fresh = trained("fine", start_from=tmp_path / "start.pth"), trained("fresh")
+    assert all(torch.equal(p, start[k]) for k, p in fine_tuned.items())
+    assert not all(torch.equal(p, start[k]) for k, p in fresh.items())
+    with pytest.raises(ConfigError, match="start.pth: a U-Net with encoder tu-test_resnet"):
+        train_segmenter(SegmentConfig(encoder="resnet18", encoder_weights="none"), BackboneConfig(), dataset,
+                        pseudo_mask_source(dataset), tmp_path / "other", "cpu", start_from=tmp_path / "start.pth")
 
 
 def test_pseudo_mask_source_computes_each_mask_once_with_a_cache(tmp_path):

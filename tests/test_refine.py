@@ -102,8 +102,11 @@ def test_variant_validation_names_the_key():
     assert "segment.self_training_refine.1.other: a self-training round has only the U-Net's" in str(err.value)
     with pytest.raises(ConfigError) as err:  # each band checked on its own
         parse_recipe({**base, "segment": {"masks": "gradcam", "train": [{"name": "synthetic"}],
-                                          "ignore_band": [0.2, 1.5]}})
+                                          "ignore_band": [0.2, 1.5], "self_training_init": "last",
+                                          "self_training_epochs": 0}})
     assert "segment.ignore_band: expected [low, high]" in str(err.value) and "confident_band" not in str(err.value)
+    assert "segment.self_training_init: must be one of fresh, previous, got 'last'" in str(err.value)
+    assert "segment.self_training_epochs: at least 1" in str(err.value)
 
 
 def test_dense_crf_snaps_a_blurry_map_to_the_object():

@@ -207,6 +207,13 @@ def test_a_moved_run_resumes_and_self_training_refines_its_labels(tmp_path, monk
                  "segment.self_training_refine=[{name: fill_holes}]"]) == 0
     third = json.loads((moved / "metrics.json").read_text())
     assert "unet_round0" in third["resumed_skipped_stages"] and "unet" not in third["resumed_skipped_stages"]
+    # Fine-tuning round 0 for its own number of epochs is another round too; round 0 is still reused.
+    assert main(["recipe", "run", "--resume", "run_copy", "segment.self_training_rounds=1",
+                 "segment.self_training_refine=[{name: fill_holes}]", "segment.self_training_init=previous",
+                 "segment.self_training_epochs=2"]) == 0
+    fourth = json.loads((moved / "metrics.json").read_text())
+    assert "unet_round0" in fourth["resumed_skipped_stages"] and "unet" not in fourth["resumed_skipped_stages"]
+    assert len(json.loads((moved / "checkpoints" / "unet_history.json").read_text())) == 2  # round 0 had 1
 
 
 def test_fitted_maps_learn_from_maps_fit_dataset_and_refit_when_it_changes(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from wsseg.config_schema import CLASSIFIER_SCHEDULES, CLASSIFIER_WEIGHTS, RecipeConfig
+from wsseg.config_schema import CLASSIFIER_SCHEDULES, CLASSIFIER_WEIGHTS, SELF_TRAINING_INITS, RecipeConfig
 from wsseg.errors import ConfigError, UnknownNameError
 
 _MISSING = object()
@@ -156,6 +156,12 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             if step.other is not None:
                 problems.append(f"segment.self_training_refine.{j}.other: a self-training round has only the "
                                 f"U-Net's probabilities, no second map")
+        if config.segment.self_training_init not in SELF_TRAINING_INITS:
+            problems.append(f"segment.self_training_init: must be one of {', '.join(SELF_TRAINING_INITS)}"
+                            f", got '{config.segment.self_training_init}'")
+        epochs = config.segment.self_training_epochs
+        if epochs is not None and epochs < 1:
+            problems.append(f"segment.self_training_epochs: at least 1 (or null: segment.epochs), got {epochs}")
         band = config.segment.ignore_band
         if band is not None and not (len(band) == 2 and 0 <= band[0] <= band[1] <= 1):
             problems.append(f"segment.ignore_band: expected [low, high] with 0 <= low <= high <= 1, got {band}")

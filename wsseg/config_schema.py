@@ -26,6 +26,7 @@ class DatasetConfig:
 
 
 CLASSIFIER_SCHEDULES = ("alternate", "concat")
+SELF_TRAINING_INITS = ("fresh", "previous")  # segment.self_training_init
 CLASSIFIER_WEIGHTS = "classifier"  # segment.encoder_weights: start the U-Net's encoder from the trained classifier
 
 
@@ -123,6 +124,10 @@ class SegmentConfig:
     self_training_rounds: int = 0
     confident_band: List[float] = field(default_factory=lambda: [0.3, 0.7])
     self_training_refine: List[RefineStepConfig] = field(default_factory=list)
+    # How a round's U-Net starts: "fresh" as round 0 did, or "previous" (fine-tunes the last round's
+    # U-Net); for `self_training_epochs` epochs (None: `epochs`).
+    self_training_init: str = "fresh"
+    self_training_epochs: Optional[int] = None
     vertical_flip: bool = True
     num_workers: int = 0
     amp: bool = True

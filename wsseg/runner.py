@@ -444,16 +444,22 @@ class RecipeRun:
             encoder_from = [self.classifier_fp]
         out: Dict[str, Path] = {}
         rounds = seg.self_training_rounds
+        previous_checkpoint = None
         for round_index in range(rounds + 1):
             name = "unet" if round_index == rounds else f"unet_round{round_index}"
             # Not the number of rounds: round k of a run with more rounds is the final U-Net of one with k.
             # Round 0 learns from the pseudo-masks: how later rounds make their labels is not its input.
+            defaults = SegmentConfig()
             own = replace(self.config.segment, self_training_rounds=0) if round_index else \
                 replace(self.config.segment, self_training_rounds=0, self_training_refine=[],
-                        confident_band=SegmentConfig().confident_band)
+                        confident_band=defaults.confident_band, self_training_init=defaults.self_training_init,
+                        self_training_epochs=defaults.self_training_epochs)
             digest = fingerprint(own, self.config.backbone, self.config.seed, upstream, round_index, *encoder_from)
+            round_config = replace(seg, epochs=seg.self_training_epochs or seg.epochs) if round_index else seg
+            start_from = previous_checkpoint if round_index and seg.self_training_init == "previous" else None
 
-            def train(name=name, source=source, digest=digest, round_index=round_index):
+            def train(name=name, source=source, digest=digest, round_index=round_index, round_config=round_config,
+                      start_from=start_from):
                 earlier = self.finished_stage("unet", digest) if name != "unet" else None
                 if earlier is not None:  # rounds added to a finished run: its last U-Net is this round
                     checkpoint = self.out_dir / "checkpoints" / f"{name}.pth"
@@ -463,15 +469,16 @@ class RecipeRun:
                     log.info("stage %s: the U-Net of an earlier run with fewer rounds, reused", name)
                     self.skipped_stages.append(name)
                     return {"checkpoint": str(checkpoint), "metrics": earlier["metrics"]}
-                result = train_segmenter(seg, self.config.backbone, train_set, source, self.out_dir / "checkpoints",
-                                         self.device, self.config.seed + round_index, self.progress, name=name,
-                                         state_tag=digest)
+                result = train_segmenter(round_config, self.config.backbone, train_set, source,
+                                         self.out_dir / "checkpoints", self.device, self.config.seed + round_index,
+                                         self.progress, name=name, state_tag=digest, start_from=start_from)
                 return {"checkpoint": str(result.checkpoint), "metrics": result.metrics}
 
             with self.timer("unet"):
                 result = self.cached(name, digest, train, lambda r: [Path(r["checkpoint"])])
                 self.metrics[f"{name}_training"] = result["metrics"]
-                model, meta = load_segmenter(Path(result["checkpoint"]))
+                previous_checkpoint = Path(result["checkpoint"])
+                model, meta = load_segmenter(previous_checkpoint)
                 out[name] = self.out_dir / "masks" / name
                 predict_masks(model, meta, eval_set, out[name], self.device, seg.batch_size, self.progress,
                               indices=dist.shard(range(len(eval_set))))

@@ -18,6 +18,7 @@ from wsseg.data.base import SegmentationDataset
 from wsseg.data.io import write_mask_png
 from wsseg.data.transforms import TorchDataset, train_transform
 from wsseg.device import autocast, batch_to, seed_everything
+from wsseg.errors import ConfigError
 from wsseg.models.segmenter import SegmenterMeta, build_unet, encoder_normalisation, load_segmenter, save_segmenter
 from wsseg.progress import ProgressFn, no_progress
 from wsseg import distributed as dist
@@ -131,12 +132,20 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: SegmentationDataset,
                     mask_source: Callable[[int], np.ndarray], out_dir: Path, device: torch.device, seed: int = 0,
                     progress: ProgressFn = no_progress, val: Optional[SegmentationDataset] = None,
-                    name: str = "unet", state_tag: str = "") -> SegmentResult:
-    """Train the U-Net; keeps the best checkpoint by validation Dice when `val` has masks, else the last."""
+                    name: str = "unet", state_tag: str = "", start_from: Optional[Path] = None) -> SegmentResult:
+    """Train the U-Net; keeps the best checkpoint by validation Dice when `val` has masks, else the last.
+    `start_from`: a U-Net checkpoint to fine-tune (same encoder) instead of the encoder's initial weights."""
     seed_everything(seed)
     encoder = config.encoder or f"tu-{backbone.name}"
     weights = config.encoder_weights or backbone.weights
-    model = build_unet(encoder, weights).to(device)
+    if start_from is not None:
+        model, start_meta = load_segmenter(Path(start_from))
+        if start_meta.encoder != encoder:
+            raise ConfigError(f"{start_from}: a U-Net with encoder {start_meta.encoder}, cannot start a "
+                              f"{encoder} U-Net from it")
+        model = model.train().to(device)
+    else:
+        model = build_unet(encoder, weights).to(device)
     mean, std = encoder_normalisation(encoder)
     meta = SegmenterMeta(encoder, config.image_size, mean, std, config.threshold, trained_on=config.masks)
     transform = train_transform(config.image_size, mean, std, config.vertical_flip)
