@@ -6,6 +6,13 @@ import argparse
 from pathlib import Path
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text}")
+    return value
+
+
 def add_parser(subparsers) -> None:
     export = subparsers.add_parser("export", help="export a run's U-Net (and CCAM) to ONNX with a parity check")
     export.add_argument("run_dir", type=Path, help="a finished run directory (holds checkpoints/unet.pth)")
@@ -13,7 +20,7 @@ def add_parser(subparsers) -> None:
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static, calibrated)")
     export.add_argument("--data-root", type=Path, help="data root for the INT8 calibration images")
-    export.add_argument("--calibration-images", type=int, metavar="N",
+    export.add_argument("--calibration-images", type=_positive_int, metavar="N",
                         help="INT8 calibration images from the U-Net's training set (default: the run's "
                              "export.calibration_images)")
     export.add_argument("--int8-keep-float", nargs="*", default=["/encoder/"], metavar="PATTERN",
