@@ -2,6 +2,7 @@
 
 import configparser
 import json
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,9 @@ def test_demo_end_to_end_through_cli(tmp_path, capsys):
         assert {"dice", "iou", "precision", "recall", "accuracy", "n_images"} <= set(entry)
         assert entry["n_images"] == 6
     assert (out / "config.yaml").is_file() and (out / "run.log").stat().st_size > 0
+    environment = json.loads((out / "environment.json").read_text())  # what the numbers were made with
+    assert environment["packages"]["numpy"] == np.__version__ and environment["python"] == platform.python_version()
+    assert f"numpy {np.__version__}" in (out / "run.log").read_text()
     assert (out / "checkpoints" / "classifier.pth").is_file()
     assert (out / "checkpoints" / "ccam.pth").is_file() and (out / "checkpoints" / "ccam_cls.pth").is_file()
     assert metrics["ccam_training"]["flip"] in (0.0, 1.0) and "classifier_correlation" in metrics["ccam_training"]

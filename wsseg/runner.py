@@ -29,6 +29,7 @@ from wsseg.config import to_yaml
 from wsseg.config_schema import CLASSIFIER_WEIGHTS, RecipeConfig, SegmentConfig
 from wsseg.data import create_dataset
 from wsseg.data.base import SegmentationDataset, concat_datasets
+from wsseg.environment import describe as describe_environment, environment_report
 from wsseg.errors import ConfigError, WssegError
 from wsseg.models.classifier import load_classifier
 from wsseg.progress import ProgressFn, no_progress
@@ -156,6 +157,10 @@ def run_recipe(config: RecipeConfig, out_dir: Path, data_root: Optional[Path] = 
         (out_dir / "config.yaml").write_text(to_yaml(config))
     log_name = "run.log" if dist.is_main() else f"run.rank{dist.rank()}.log"
     with run_log(out_dir / log_name):
+        environment = environment_report()
+        log.info("environment: %s", describe_environment(environment))
+        if dist.is_main():
+            write_json(out_dir / "environment.json", environment)
         return RecipeRun(config, out_dir, data_root, progress, resume).run()
 
 
