@@ -20,9 +20,9 @@ from wsseg.deploy.onnx_export import ProbabilityHead, export_segmenter, export_s
 from wsseg.deploy.quantize import (choose_keep_float, describe_kept_float, encoder_stages, mask_agreement,
                                    quantize_int8)
 from wsseg.deploy.static_padding import same_padding, with_static_same_padding
+from wsseg.errors import ConfigError
 from wsseg.models.segmenter import SegmenterMeta, build_unet, load_segmenter, save_segmenter
 from wsseg.stages.pseudo_masks import MaskRule
-from wsseg.errors import ConfigError
 from wsseg.stages.segment import (IGNORE, confident_mask_source, predict_masks, pseudo_mask_source,
                                   segmentation_loss, train_segmenter)
 from wsseg_infer.runtime import InputError, Segmenter

@@ -131,16 +131,13 @@ def _copy_metadata(source: Path, target: Path, extra: Dict[str, str]) -> None:
 
 
 def calibration_batches(config, model_path: Path, n_images: int, data_root=None) -> List[np.ndarray]:
-    """Preprocessed images from the run's segmenter training set (never the evaluation images); `config`
-    is the run's RecipeConfig or the path of its config.yaml."""
-    from wsseg.config import load_recipe
+    """Preprocessed images from the segmenter training set of the run's RecipeConfig (never the
+    evaluation images)."""
     from wsseg.data import create_dataset
     from wsseg.data.base import concat_datasets
     from wsseg_infer.runtime import ModelInfo, preprocess
     import onnxruntime as ort
 
-    if isinstance(config, (str, Path)):
-        config = load_recipe(str(config))
     info = ModelInfo.from_session(ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]))
     train = concat_datasets([create_dataset(d, data_root) for d in config.segment.train])
     picks = np.linspace(0, len(train) - 1, min(n_images, len(train))).astype(int)
