@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from wsseg.config_schema import BackboneConfig, DatasetConfig, RefineStepConfig, SegmentConfig
+from wsseg.config_schema import BackboneConfig, DatasetConfig, PredictConfig, RefineStepConfig, SegmentConfig
 from wsseg.data import create_dataset
 from wsseg.deploy.bench import bench_inference, bench_maps, map_method_callables
 from wsseg.deploy.onnx_export import ProbabilityHead, export_segmenter, export_segmenter_model, read_metadata
@@ -21,7 +21,8 @@ from wsseg.deploy.quantize import (choose_keep_float, describe_kept_float, encod
                                    quantize_int8)
 from wsseg.deploy.static_padding import same_padding, with_static_same_padding
 from wsseg.errors import ConfigError
-from wsseg.models.segmenter import SegmenterMeta, build_unet, load_segmenter, save_segmenter
+from wsseg.models.segmenter import (FlipAveraged, SegmenterMeta, build_unet, flip_views, load_segmenter,
+                                    probability_model, save_segmenter, with_prediction)
 from wsseg.stages.pseudo_masks import MaskRule
 from wsseg.stages.segment import (IGNORE, confident_mask_source, predict_masks, pseudo_mask_source,
                                   segmentation_loss, train_segmenter)
@@ -65,6 +66,44 @@ def test_runtime_matches_torch_and_keeps_image_sizes(exported):
     for t, o, image in zip(torch_masks, onnx_masks, images):
         assert o.shape == image.shape[:2]
         assert (t == o).mean() > 0.97  # resizing libraries differ by a pixel here and there
+
+
+def test_flip_averaged_prediction_is_the_mean_over_flipped_views():
+    torch.manual_seed(0)
+    model = build_unet(TINY_ENCODER, "none").eval()
+    x = torch.randn(2, 3, 64, 96)
+    assert flip_views([]) == [()] and len(flip_views(["hflip", "vflip"])) == 4
+    with torch.no_grad():
+        logits = model(x)
+        by_hand = (logits + model(x.flip(-1)).flip(-1) + model(x.flip(-2)).flip(-2)
+                   + model(x.flip(-1, -2)).flip(-1, -2)) / 4
+        both = FlipAveraged(model, ["hflip", "vflip"])(x)
+        assert torch.allclose(FlipAveraged(model, [])(x), logits)
+    assert torch.allclose(both, by_hand, atol=1e-5) and not torch.allclose(both, logits, atol=1e-3)
+
+
+def test_export_and_prediction_follow_the_meta_prediction_settings(exported, tmp_path):
+    folder, _ = exported
+    model, meta = load_segmenter(folder / "unet.pth")
+    predicting = with_prediction(meta, PredictConfig(size=96, hflip=True, vflip=True))
+    assert predicting.input_size == 96 and predicting.image_size == 64 and predicting.flips == ["hflip", "vflip"]
+    report = export_segmenter_model(model, predicting, tmp_path / "tta.onnx")
+    assert report.max_abs_diff < 1e-4  # the flips are inside the graph, at the parity check's other size too
+    meta_onnx = read_metadata(report.path)
+    assert meta_onnx["input_size"] == "96" and meta_onnx["trained_size"] == "64"
+    assert meta_onnx["flips_averaged"] == "hflip,vflip"
+    dataset = create_dataset(DatasetConfig("synthetic", None, "val", options={"n": 3, "size": 80}))
+    torch_masks = predict_masks(model, predicting, dataset, None, "cpu", keep=True)
+    onnx_masks = Segmenter(report.path, device="cpu").masks([dataset.load_image(i) for i in range(3)])
+    plain = predict_masks(model, meta, dataset, None, "cpu", keep=True)
+    for t, o in zip(torch_masks, onnx_masks):
+        assert (t == o).mean() > 0.97
+    # The TTA model's probabilities are flip-symmetric: a flipped image gets the flipped probability.
+    net = probability_model(model, predicting)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(net(x.flip(-1)), net(x).flip(-1), atol=1e-5)
+    assert any((a != b).any() for a, b in zip(torch_masks, plain))
 
 
 def test_runtime_preprocessing_is_the_training_pipelines(tmp_path):

@@ -103,10 +103,11 @@ def test_variant_validation_names_the_key():
     with pytest.raises(ConfigError) as err:  # each band checked on its own
         parse_recipe({**base, "segment": {"masks": "gradcam", "train": [{"name": "synthetic"}],
                                           "ignore_band": [0.2, 1.5], "self_training_init": "last",
-                                          "self_training_epochs": 0}})
+                                          "self_training_epochs": 0, "predict": {"size": 100}}})
     assert "segment.ignore_band: expected [low, high]" in str(err.value) and "confident_band" not in str(err.value)
     assert "segment.self_training_init: must be one of fresh, previous, got 'last'" in str(err.value)
     assert "segment.self_training_epochs: at least 1" in str(err.value)
+    assert "segment.predict.size: the U-Net downsamples 5 times, so it must be a multiple of 32" in str(err.value)
 
 
 def test_dense_crf_snaps_a_blurry_map_to_the_object():

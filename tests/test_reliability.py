@@ -19,7 +19,9 @@ from conftest import TINY_MODEL, tiny_demo_overrides
 from wsseg.cli.main import main
 from wsseg.config_schema import BackboneConfig, ClassifierConfig, DatasetConfig
 from wsseg.data import create_dataset
+from wsseg.deploy.onnx_export import read_metadata
 from wsseg.errors import ConfigError, DataError, WssegError
+from wsseg.models.segmenter import load_segmenter
 from wsseg.runner import prepare_run_dir
 from wsseg.training import NonFiniteLoss
 
@@ -214,6 +216,31 @@ def test_a_moved_run_resumes_and_self_training_refines_its_labels(tmp_path, monk
     fourth = json.loads((moved / "metrics.json").read_text())
     assert "unet_round0" in fourth["resumed_skipped_stages"] and "unet" not in fourth["resumed_skipped_stages"]
     assert len(json.loads((moved / "checkpoints" / "unet_history.json").read_text())) == 2  # round 0 had 1
+
+
+def test_how_the_unet_predicts_reuses_it_and_reaches_its_checkpoint_and_export(tmp_path):
+    out = tmp_path / "run"
+    overrides = tiny_demo_overrides(("gradcam",)) + ["segment.masks=gradcam", "export.int8=false",
+                                                     "pseudo_masks.variants=[]", "segment.self_training_rounds=0"]
+    assert main(["recipe", "run", "demo", "--out", str(out), *overrides]) == 0
+    first_weights = load_segmenter(out / "checkpoints" / "unet.pth")[0].state_dict()
+    predict = ["segment.predict.size=96", "segment.predict.hflip=true", "segment.predict.vflip=true"]
+    assert main(["recipe", "run", "--resume", str(out), *predict]) == 0
+    second = json.loads((out / "metrics.json").read_text())
+    assert "unet" in second["resumed_skipped_stages"]  # prediction is not training: the U-Net is reused
+    model, meta = load_segmenter(out / "checkpoints" / "unet.pth")
+    assert all(torch.equal(v, first_weights[k]) for k, v in model.state_dict().items())
+    assert (meta.input_size, meta.image_size, meta.flips) == (96, 64, ["hflip", "vflip"])
+    exported = read_metadata(out / "model.onnx")
+    assert exported["input_size"] == "96" and exported["flips_averaged"] == "hflip,vflip"
+    # A self-training round learns from how round 0 predicts: labels (and round 1) change with it, round 0 not.
+    assert main(["recipe", "run", "--resume", str(out), *predict, "segment.self_training_rounds=1"]) == 0
+    third = json.loads((out / "metrics.json").read_text())
+    assert "unet_round0" in third["resumed_skipped_stages"] and "unet" not in third["resumed_skipped_stages"]
+    assert main(["recipe", "run", "--resume", str(out), "segment.predict.vflip=false"]) == 0  # resume keeps the rest
+    fourth = json.loads((out / "metrics.json").read_text())
+    assert "unet_round0" in fourth["resumed_skipped_stages"] and "unet" not in fourth["resumed_skipped_stages"]
+    assert len(list((out / "train_masks").glob("unet_round0-*"))) == 2
 
 
 def test_fitted_maps_learn_from_maps_fit_dataset_and_refit_when_it_changes(tmp_path, monkeypatch):

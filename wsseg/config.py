@@ -175,6 +175,10 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             if config.segment.encoder not in (None, expected):
                 problems.append(f"segment.encoder_weights: 'classifier' needs the classifier's backbone as encoder "
                                 f"({expected} or unset), got segment.encoder={config.segment.encoder}")
+        size = config.segment.predict.size
+        if size is not None and (size < 32 or size % 32):
+            problems.append(f"segment.predict.size: the U-Net downsamples 5 times, so it must be a multiple of 32 "
+                            f"(or null: segment.image_size), got {size}")
         if config.segment.image_size % 32:
             problems.append(f"segment.image_size: the U-Net downsamples 5 times, so it must be a multiple of 32, "
                             f"got {config.segment.image_size}")

@@ -102,6 +102,17 @@ class CCAMConfig:
 
 
 @dataclass
+class PredictConfig:
+    """How a trained U-Net predicts (the run's masks, the self-training labels, the export): input `size`
+    (None: `segment.image_size`) and probabilities averaged over horizontal / vertical flips (all
+    combinations of those set). Training does not depend on it."""
+
+    size: Optional[int] = None
+    hflip: bool = False
+    vflip: bool = False
+
+
+@dataclass
 class SegmentConfig:
     """U-Net trained on the pseudo-masks of one producer (`masks: <method>`) or on the real masks
     (`masks: ground_truth`, the fully supervised upper bound). `ignore_band: [low, high]` leaves map
@@ -131,6 +142,7 @@ class SegmentConfig:
     vertical_flip: bool = True
     num_workers: int = 0
     amp: bool = True
+    predict: PredictConfig = field(default_factory=PredictConfig)
 
 
 @dataclass

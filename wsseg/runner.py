@@ -453,12 +453,13 @@ class RecipeRun:
         for round_index in range(rounds + 1):
             name = "unet" if round_index == rounds else f"unet_round{round_index}"
             # Not the number of rounds: round k of a run with more rounds is the final U-Net of one with k.
-            # Round 0 learns from the pseudo-masks: how later rounds make their labels is not its input.
+            # Round 0 learns from the pseudo-masks: how later rounds make their labels (and how U-Nets predict,
+            # `predict`, which shapes those labels) is not its input.
             defaults = SegmentConfig()
             own = replace(self.config.segment, self_training_rounds=0) if round_index else \
                 replace(self.config.segment, self_training_rounds=0, self_training_refine=[],
                         confident_band=defaults.confident_band, self_training_init=defaults.self_training_init,
-                        self_training_epochs=defaults.self_training_epochs)
+                        self_training_epochs=defaults.self_training_epochs, predict=defaults.predict)
             digest = fingerprint(own, self.config.backbone, self.config.seed, upstream, round_index, *encoder_from)
             round_config = replace(seg, epochs=seg.self_training_epochs or seg.epochs) if round_index else seg
             start_from = previous_checkpoint if round_index and seg.self_training_init == "previous" else None
@@ -484,6 +485,7 @@ class RecipeRun:
                 self.metrics[f"{name}_training"] = result["metrics"]
                 previous_checkpoint = Path(result["checkpoint"])
                 model, meta = load_segmenter(previous_checkpoint)
+                meta = self.predicting_as_configured(previous_checkpoint, meta)
                 out[name] = self.out_dir / "masks" / name
                 predict_masks(model, meta, eval_set, out[name], self.device, seg.batch_size, self.progress,
                               indices=dist.shard(range(len(eval_set))))
@@ -497,13 +499,27 @@ class RecipeRun:
                     write_probabilities(model, meta, train_set, prob_dir, self.device, seg.batch_size, self.progress,
                                         indices=dist.shard(range(len(train_set))))
                     dist.barrier()
-                    labels_fp = fingerprint(digest, seg.confident_band, seg.self_training_refine)
+                    predict_part = [seg.predict] if seg.predict != SegmentConfig().predict else []
+                    labels_fp = fingerprint(digest, seg.confident_band, seg.self_training_refine, *predict_part)
                     source = confident_mask_source(train_set, prob_dir, seg.confident_band, seg.self_training_refine,
                                                    cache_dir=self.out_dir / "train_masks" / f"{name}-{labels_fp}")
                     upstream = digest
             dist.barrier()
         self.artifacts["unet"] = self.out_dir / "checkpoints" / "unet.pth"
         return out
+
+    def predicting_as_configured(self, checkpoint: Path, meta):
+        """A U-Net reused from a run with other `segment.predict` settings (they are not part of its
+        fingerprint) has them updated in its checkpoint, so that export and `wsseg predict` follow the recipe."""
+        from wsseg.models.segmenter import rewrite_meta, with_prediction
+
+        wanted = with_prediction(meta, self.config.segment.predict)
+        if wanted != meta and dist.is_main():
+            rewrite_meta(checkpoint, wanted)
+            log.info("%s: now predicts at %d px, flips %s (segment.predict)", checkpoint.name, wanted.input_size,
+                     wanted.flips or "none")
+        dist.barrier()
+        return wanted
 
     def evaluate(self, mask_dirs: Dict[str, Path], eval_set: SegmentationDataset) -> None:
         if not eval_set.has_masks:

@@ -208,14 +208,15 @@ def cmd_bench_infer(args) -> int:
     import torch
 
     from wsseg.deploy.bench import bench_inference
-    from wsseg.deploy.onnx_export import ProbabilityHead, export_segmenter
+    from wsseg.deploy.onnx_export import export_segmenter
+    from wsseg.models.segmenter import probability_model
 
     onnx_paths = {}
     if args.run_dir:
         from wsseg.models.segmenter import load_segmenter
 
         model, meta = load_segmenter(args.run_dir / "checkpoints" / "unet.pth")
-        size = args.size or meta.image_size
+        size = args.size or meta.input_size
         fp32 = args.run_dir / "model.onnx"
         if not fp32.is_file():
             export_segmenter(args.run_dir / "checkpoints" / "unet.pth", fp32)
@@ -228,11 +229,11 @@ def cmd_bench_infer(args) -> int:
 
         size = args.size or 352
         model = build_unet(args.encoder, "none")
+        meta = SegmenterMeta(args.encoder, size, (0.5,) * 3, (0.5,) * 3, 0.5, trained_on="untrained (bench)")
         fp32 = Path(tempfile.mkdtemp()) / "model.onnx"
-        export_segmenter_model(model, SegmenterMeta(args.encoder, size, (0.5,) * 3, (0.5,) * 3, 0.5,
-                                                    trained_on="untrained (bench)"), fp32)
+        export_segmenter_model(model, meta, fp32)
         onnx_paths["onnxruntime fp32"] = fp32
-    torch_model = ProbabilityHead(model).eval()
+    torch_model = probability_model(model, meta).eval()  # the same flips as the exported graph
     rows = bench_inference(torch_model, onnx_paths, size, args.batch_sizes, iters=args.iters, threads=args.threads,
                            rounds=args.rounds)
     _print_rows(f"inference at {size}x{size}, {torch.get_num_threads()} torch threads", rows, args.out)

@@ -17,20 +17,10 @@ import onnx
 import torch
 
 from wsseg import __version__
+from wsseg.models.segmenter import ProbabilityHead, probability_model  # noqa: F401 (ProbabilityHead: public here too)
 
 log = logging.getLogger("wsseg")
 SIZE_MULTIPLE = 32  # U-Net encoders downsample 5 times
-
-
-class ProbabilityHead(torch.nn.Module):
-    """U-Net logits -> probabilities, so every runtime thresholds the same quantity."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(image))
 
 
 @dataclass
@@ -101,15 +91,17 @@ def export_segmenter(checkpoint: Path, out_path: Path, opset: int = 17) -> Expor
 
 
 def export_segmenter_model(model: torch.nn.Module, meta, out_path: Path, opset: int = 17) -> ExportReport:
-    """Export a U-Net (logits out) with its `SegmenterMeta`; the model itself is left unchanged."""
+    """Export a U-Net (logits out) with its `SegmenterMeta`; the model itself is left unchanged. The graph
+    predicts as the meta says: its flips are averaged inside it, its `input_size` is the runtime's."""
     from wsseg.deploy.static_padding import with_static_same_padding
 
     # Inputs are multiples of SIZE_MULTIPLE (the runtime enforces it), so TF-style 'same' padding is constant.
     model, n_static = with_static_same_padding(model)
-    metadata = _metadata("segmenter", meta.image_size, meta.mean, meta.std, meta.threshold, meta.classes,
-                         {"encoder": meta.encoder, "trained_on": meta.trained_on,
+    metadata = _metadata("segmenter", meta.input_size, meta.mean, meta.std, meta.threshold, meta.classes,
+                         {"encoder": meta.encoder, "trained_on": meta.trained_on, "trained_size": str(meta.image_size),
+                          "flips_averaged": ",".join(meta.flips) or "none",
                           "static_same_padding_convs": str(n_static)})
-    return _export(ProbabilityHead(model), out_path, meta.image_size, opset, metadata)
+    return _export(probability_model(model, meta), out_path, meta.input_size, opset, metadata)
 
 
 def export_ccam(checkpoint: Path, out_path: Path, opset: int = 17, threshold: float = 0.58) -> ExportReport:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import segmentation_models_pytorch as smp
 import torch
@@ -24,6 +24,64 @@ class SegmenterMeta:
     threshold: float = 0.5
     classes: List[str] = field(default_factory=lambda: ["background", "foreground"])
     trained_on: str = ""
+    # How it predicts (segment.predict): input size (None: image_size) and flips averaged over.
+    predict_size: Optional[int] = None
+    flips: List[str] = field(default_factory=list)
+
+    @property
+    def input_size(self) -> int:
+        return self.predict_size or self.image_size
+
+
+#: Flips a prediction can average over, and the tensor dimensions each one reverses (NCHW).
+FLIP_DIMS = {"hflip": (-1,), "vflip": (-2,)}
+
+
+def flip_views(flips: Sequence[str]) -> List[Tuple[int, ...]]:
+    """Every combination of the named flips as dims to reverse: [()] for none, 4 views for both."""
+    views: List[Tuple[int, ...]] = [()]
+    for name in flips:
+        views += [view + FLIP_DIMS[name] for view in views]
+    return views
+
+
+def with_prediction(meta: SegmenterMeta, predict) -> SegmenterMeta:
+    """`meta` predicting as a `PredictConfig` says (size and flips), the weights' own fields unchanged."""
+    flips = [name for name in FLIP_DIMS if getattr(predict, name)]
+    return replace(meta, predict_size=predict.size, flips=flips)
+
+
+class ProbabilityHead(torch.nn.Module):
+    """U-Net logits -> probabilities, so every runtime thresholds (and averages) the same quantity."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(image))
+
+
+def probability_model(model: torch.nn.Module, meta: SegmenterMeta) -> torch.nn.Module:
+    """Images -> probabilities (B, 1, H, W) as `meta` predicts: averaged over its flips, if any."""
+    return FlipAveraged(ProbabilityHead(model), meta.flips)
+
+
+class FlipAveraged(torch.nn.Module):
+    """Mean of `model`'s output over flipped copies of the input, each flipped back (test-time augmentation).
+    The views run as one batch, so an exported graph keeps a single model call."""
+
+    def __init__(self, model: torch.nn.Module, flips: Sequence[str] = ()):
+        super().__init__()
+        self.model = model
+        self.views = flip_views(flips)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if len(self.views) == 1:
+            return self.model(image)
+        batch = torch.cat([image.flip(view) if view else image for view in self.views])
+        outputs = self.model(batch).chunk(len(self.views))
+        return torch.stack([out.flip(view) if view else out for out, view in zip(outputs, self.views)]).mean(0)
 
 
 def build_unet(encoder: str, weights: Optional[str] = "none") -> smp.Unet:
@@ -51,6 +109,13 @@ def encoder_normalisation(encoder: str) -> Tuple[tuple, tuple]:
 
 def save_segmenter(path: Path, model: torch.nn.Module, meta: SegmenterMeta, extra: dict = None) -> None:
     atomic_save({"meta": asdict(meta), "state_dict": model.state_dict(), **(extra or {})}, path)
+
+
+def rewrite_meta(path: Path, meta: SegmenterMeta) -> None:
+    """Replace the metadata stored in a checkpoint, weights and everything else kept."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint["meta"] = asdict(meta)
+    atomic_save(checkpoint, path)
 
 
 def load_segmenter(path: Path, map_location="cpu") -> Tuple[torch.nn.Module, SegmenterMeta]:

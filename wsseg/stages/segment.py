@@ -19,7 +19,8 @@ from wsseg.data.io import write_mask_png
 from wsseg.data.transforms import TorchDataset, train_transform
 from wsseg.device import autocast, batch_to, seed_everything
 from wsseg.errors import ConfigError
-from wsseg.models.segmenter import SegmenterMeta, build_unet, encoder_normalisation, load_segmenter, save_segmenter
+from wsseg.models.segmenter import (SegmenterMeta, build_unet, encoder_normalisation, load_segmenter, probability_model,
+                                    save_segmenter, with_prediction)
 from wsseg.progress import ProgressFn, no_progress
 from wsseg import distributed as dist
 from wsseg.stages.common import cosine_lambda, eval_loader, param_groups, write_json
@@ -147,7 +148,8 @@ def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: Se
     else:
         model = build_unet(encoder, weights).to(device)
     mean, std = encoder_normalisation(encoder)
-    meta = SegmenterMeta(encoder, config.image_size, mean, std, config.threshold, trained_on=config.masks)
+    meta = with_prediction(SegmenterMeta(encoder, config.image_size, mean, std, config.threshold,
+                                         trained_on=config.masks), config.predict)
     transform = train_transform(config.image_size, mean, std, config.vertical_flip)
     loader = training_loader(TorchDataset(dataset, transform, with_masks=True, masks=mask_source,
                                           max_side=2 * config.image_size),
@@ -184,19 +186,15 @@ def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: Se
     return SegmentResult(checkpoint, metrics)
 
 
-@torch.no_grad()
-def predict_probabilities(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(model(images)[:, 0])
-
-
 def _probability_batches(model, meta: SegmenterMeta, dataset: SegmentationDataset, device, batch_size: int,
                          progress: ProgressFn, indices: Optional[Sequence[int]], description: str):
-    """(dataset index, probability map at the model's input size) for each image, in batches."""
-    model = model.to(device).eval()
-    loader = eval_loader(dataset, meta.image_size, meta.mean, meta.std, batch_size, indices)
+    """(dataset index, probability map at the input size) for each image, in batches, predicted as `meta`
+    says (`input_size`, flips averaged)."""
+    net = probability_model(model, meta).to(device).eval()
+    loader = eval_loader(dataset, meta.input_size, meta.mean, meta.std, batch_size, indices)
     for batch in progress(loader, total=len(loader), description=description):
         with torch.no_grad(), autocast(device):
-            probs = predict_probabilities(model, batch["image"].to(device)).float().cpu().numpy()
+            probs = net(batch["image"].to(device))[:, 0].float().cpu().numpy()
         yield from zip(batch["index"].tolist(), probs)
 
 
@@ -222,7 +220,7 @@ def predict_masks(model: torch.nn.Module, meta: SegmenterMeta, dataset: Segmenta
 def write_probabilities(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset, out_dir: Path,
                         device: torch.device, batch_size: int = 8, progress: ProgressFn = no_progress,
                         indices: Optional[Sequence[int]] = None) -> Path:
-    """U-Net probabilities at the model's input size as `out_dir/<stem>.npy` (float16), for self-training."""
+    """U-Net probabilities at the input size as `out_dir/<stem>.npy` (float16), for self-training."""
     from wsseg.stages.maps import save_map
 
     for index, prob in _probability_batches(model, meta, dataset, device, batch_size, progress, indices,
