@@ -240,7 +240,11 @@ def test_how_the_unet_predicts_reuses_it_and_reaches_its_checkpoint_and_export(t
     assert main(["recipe", "run", "--resume", str(out), "segment.predict.vflip=false"]) == 0  # resume keeps the rest
     fourth = json.loads((out / "metrics.json").read_text())
     assert "unet_round0" in fourth["resumed_skipped_stages"] and "unet" not in fourth["resumed_skipped_stages"]
+    assert "unet_round0_probabilities" not in fourth["resumed_skipped_stages"]
     assert len(list((out / "train_masks").glob("unet_round0-*"))) == 2
+    assert main(["recipe", "run", "--resume", str(out)]) == 0  # nothing changed: round 0's predictions reused too
+    fifth = json.loads((out / "metrics.json").read_text())
+    assert {"unet_round0", "unet_round0_probabilities", "unet"} <= set(fifth["resumed_skipped_stages"])
 
 
 def test_fitted_maps_learn_from_maps_fit_dataset_and_refit_when_it_changes(tmp_path, monkeypatch):

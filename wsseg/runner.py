@@ -495,11 +495,17 @@ class RecipeRun:
                                   self.progress, indices=dist.shard(range(len(eval_set))),
                                   refine=seg.self_training_refine)
                 if round_index < rounds:  # the next round learns from this model's confident pixels
-                    prob_dir = self.out_dir / "maps_train" / name
-                    write_probabilities(model, meta, train_set, prob_dir, self.device, seg.batch_size, self.progress,
-                                        indices=dist.shard(range(len(train_set))))
-                    dist.barrier()
                     predict_part = [seg.predict] if seg.predict != SegmentConfig().predict else []
+
+                    def probabilities(model=model, meta=meta, name=name):
+                        prob_dir = self.out_dir / "maps_train" / name
+                        write_probabilities(model, meta, train_set, prob_dir, self.device, seg.batch_size,
+                                            self.progress, indices=dist.shard(range(len(train_set))))
+                        dist.barrier()
+                        return str(prob_dir)
+
+                    prob_dir = Path(self.cached(f"{name}_probabilities", fingerprint(digest, *predict_part),
+                                                probabilities, lambda r: [Path(r)]))
                     labels_fp = fingerprint(digest, seg.confident_band, seg.self_training_refine, *predict_part)
                     source = confident_mask_source(train_set, prob_dir, seg.confident_band, seg.self_training_refine,
                                                    cache_dir=self.out_dir / "train_masks" / f"{name}-{labels_fp}")
