@@ -155,7 +155,7 @@ def test_resume_skips_finished_stages(tmp_path, capsys):
     first = json.loads((out / "metrics.json").read_text())
     assert main(["recipe", "run", "--resume", str(out)]) == 0
     second = json.loads((out / "metrics.json").read_text())
-    assert {"classifier", "maps_gradcam", "unet"} <= set(second["resumed_skipped_stages"])
+    assert {"classifier", "maps_gradcam", "masks_gradcam", "unet"} <= set(second["resumed_skipped_stages"])
     assert second["gradcam"]["dice"] == first["gradcam"]["dice"]
     # A changed stage config runs that stage again.
     assert main(["recipe", "run", "--resume", str(out), "segment.epochs=2"]) == 0
@@ -165,6 +165,7 @@ def test_resume_skips_finished_stages(tmp_path, capsys):
     assert main(["recipe", "run", "--resume", str(out), "segment.epochs=2", "maps.tta.hflip=true"]) == 0
     fourth = json.loads((out / "metrics.json").read_text())
     assert "unet" not in fourth["resumed_skipped_stages"] and "classifier" in fourth["resumed_skipped_stages"]
+    assert "masks_gradcam" not in fourth["resumed_skipped_stages"]  # the pseudo-masks of the new maps
 
 
 def test_adding_a_self_training_round_reuses_the_finished_unet(tmp_path):

@@ -250,9 +250,16 @@ class RecipeRun:
         mask_dirs: Dict[str, Path] = {}
         with self.timer("pseudo_masks"):
             for name, rule in self.rules.items():
-                mask_dirs[name] = write_rule_masks(rule, eval_set, map_dirs, self.out_dir / "masks" / name,
-                                                   self.progress, f"masks {name}", indices=dist.shard(
-                                                       range(len(eval_set))))
+                def write(name=name, rule=rule):
+                    out = write_rule_masks(rule, eval_set, map_dirs, self.out_dir / "masks" / name, self.progress,
+                                           f"masks {name}", indices=dist.shard(range(len(eval_set))))
+                    dist.barrier()
+                    return str(out)
+
+                # The rule as applied (a calibrated threshold included) and the maps it reads.
+                digest = fingerprint([self.maps_digest(producers[m], config.maps.dataset) for m in rule.maps_needed],
+                                     rule.threshold, rule.threshold_mode, rule.steps)
+                mask_dirs[name] = Path(self.cached(f"masks_{name}", digest, write, lambda r: [Path(r)]))
             if dist.is_main():
                 for name in config.evaluate.references:
                     mask_dirs[name] = make_reference_masks(name, eval_set, self.out_dir / "masks" / name,
