@@ -256,10 +256,9 @@ class RecipeRun:
                     dist.barrier()
                     return str(out)
 
-                # The rule as applied (a calibrated threshold included) and the maps it reads.
-                digest = fingerprint([self.maps_digest(producers[m], config.maps.dataset) for m in rule.maps_needed],
-                                     rule.threshold, rule.threshold_mode, rule.steps)
-                mask_dirs[name] = Path(self.cached(f"masks_{name}", digest, write, lambda r: [Path(r)]))
+                mask_dirs[name] = Path(self.cached(f"masks_{name}", self.rule_digest(rule, producers,
+                                                                                    config.maps.dataset),
+                                                   write, lambda r: [Path(r)]))
             if dist.is_main():
                 for name in config.evaluate.references:
                     mask_dirs[name] = make_reference_masks(name, eval_set, self.out_dir / "masks" / name,
@@ -391,6 +390,12 @@ class RecipeRun:
         return fingerprint(producer.fingerprint, dataset_config, maps.image_size, maps.tta, self.config.on_bad_image,
                            *fit_part)
 
+    def rule_digest(self, rule: MaskRule, producers: Dict[str, MapProducer], dataset_config) -> str:
+        """What one rule's masks of a dataset depend on: the rule as applied (a calibrated threshold
+        included) and the digests of the maps it reads."""
+        return fingerprint([self.maps_digest(producers[m], dataset_config) for m in rule.maps_needed],
+                           rule.threshold, rule.threshold_mode, rule.steps)
+
     def fit_images(self, dataset: SegmentationDataset, wanted: List[int]):
         """What fitted map methods learn from: `maps.fit_dataset`'s positive images, or the images being mapped.
         A fixed set such as the training images gives every mapped set the same concepts (on Kvasir-SEG
@@ -445,8 +450,7 @@ class RecipeRun:
                                              only_positives=True)
                             for m in rule.maps_needed}
             # The maps' own digests: a change of size, TTA or fit set must retrain the U-Net, not just remap.
-            upstream = fingerprint([self.maps_digest(producers[m], seg.train) for m in rule.maps_needed],
-                                   rule.threshold, rule.threshold_mode, rule.steps)
+            upstream = self.rule_digest(rule, producers, seg.train)
         source = pseudo_mask_source(train_set, rule, map_dirs, seg.ignore_band,
                                     cache_dir=None if rule is None else
                                     self.out_dir / "train_masks" / f"{seg.masks}-{fingerprint(upstream, seg.ignore_band)}")
