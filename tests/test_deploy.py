@@ -15,6 +15,7 @@ from PIL import Image
 
 from wsseg.config_schema import BackboneConfig, DatasetConfig, PredictConfig, RefineStepConfig, SegmentConfig
 from wsseg.data import create_dataset
+from wsseg.data.io import read_binary_mask
 from wsseg.deploy.bench import bench_inference, bench_maps, map_method_callables
 from wsseg.deploy.onnx_export import ProbabilityHead, export_segmenter, export_segmenter_model, read_metadata
 from wsseg.deploy.quantize import (choose_keep_float, describe_kept_float, encoder_stages, mask_agreement,
@@ -25,7 +26,7 @@ from wsseg.models.segmenter import (FlipAveraged, SegmenterMeta, build_unet, fli
                                     probability_model, save_segmenter, with_prediction)
 from wsseg.stages.pseudo_masks import MaskRule
 from wsseg.stages.segment import (IGNORE, confident_mask_source, predict_masks, pseudo_mask_source,
-                                  segmentation_loss, train_segmenter)
+                                  segmentation_loss, train_segmenter, write_masks)
 from wsseg_infer.runtime import InputError, Segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +105,20 @@ def test_export_and_prediction_follow_the_meta_prediction_settings(exported, tmp
     with torch.no_grad():
         assert torch.allclose(net(x.flip(-1)), net(x).flip(-1), atol=1e-5)
     assert any((a != b).any() for a, b in zip(torch_masks, plain))
+
+
+def test_one_prediction_pass_writes_each_folder_as_its_own_call_would(exported, tmp_path):
+    folder, _ = exported
+    model, meta = load_segmenter(folder / "unet.pth")
+    meta = with_prediction(meta, PredictConfig(size=96, hflip=True))
+    dataset = create_dataset(DatasetConfig("synthetic", None, "val", options={"n": 3, "size": 80}))
+    steps = [RefineStepConfig("largest_component")]
+    write_masks(model, meta, dataset, {tmp_path / "plain": (), tmp_path / "largest": steps}, "cpu")
+    for name, refine in (("plain", ()), ("largest", steps)):
+        expected = predict_masks(model, meta, dataset, None, "cpu", keep=True, refine=refine)
+        written = [read_binary_mask(tmp_path / name / f"{dataset.records[i].stem}.png") for i in range(3)]
+        assert all(np.array_equal(w, e > 0) for w, e in zip(written, expected)), name
+    assert any(e.any() for e in expected)
 
 
 def test_runtime_preprocessing_is_the_training_pipelines(tmp_path):

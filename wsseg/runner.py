@@ -435,8 +435,8 @@ class RecipeRun:
     def segment(self, producers: Dict[str, MapProducer], eval_set: SegmentationDataset) -> Dict[str, Path]:
         """Train the U-Net on pseudo-masks (or real masks), then optional self-training rounds.
         Returns {"unet": mask folder} plus one entry per earlier round."""
-        from wsseg.stages.segment import (confident_mask_source, load_segmenter, predict_masks, pseudo_mask_source,
-                                          train_segmenter, write_probabilities)
+        from wsseg.stages.segment import (confident_mask_source, load_segmenter, pseudo_mask_source, train_segmenter,
+                                          write_masks, write_probabilities)
 
         seg = self.config.segment
         parts = [self.dataset(d, f"segment.train.{i}") for i, d in enumerate(seg.train)]
@@ -498,13 +498,12 @@ class RecipeRun:
                 model, meta = load_segmenter(previous_checkpoint)
                 meta = self.predicting_as_configured(previous_checkpoint, meta)
                 out[name] = self.out_dir / "masks" / name
-                predict_masks(model, meta, eval_set, out[name], self.device, seg.batch_size, self.progress,
-                              indices=dist.shard(range(len(eval_set))))
+                mask_sets = {out[name]: ()}
                 if round_index < rounds and seg.self_training_refine:  # the next round's labels, on val too
                     out[f"{name}_refined"] = self.out_dir / "masks" / f"{name}_refined"
-                    predict_masks(model, meta, eval_set, out[f"{name}_refined"], self.device, seg.batch_size,
-                                  self.progress, indices=dist.shard(range(len(eval_set))),
-                                  refine=seg.self_training_refine)
+                    mask_sets[out[f"{name}_refined"]] = seg.self_training_refine
+                write_masks(model, meta, eval_set, mask_sets, self.device, seg.batch_size, self.progress,
+                            indices=dist.shard(range(len(eval_set))))
                 if round_index < rounds:  # the next round learns from this model's confident pixels
                     predict_part = [seg.predict] if seg.predict != SegmentConfig().predict else []
 

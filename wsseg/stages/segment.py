@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -198,6 +198,15 @@ def _probability_batches(model, meta: SegmenterMeta, dataset: SegmentationDatase
         yield from zip(batch["index"].tolist(), probs)
 
 
+def _image_probabilities(model, meta: SegmenterMeta, dataset: SegmentationDataset, device, batch_size: int,
+                         progress: ProgressFn, indices: Optional[Sequence[int]]):
+    """(dataset index, probability map resized to the image's own size) for each image."""
+    for index, prob in _probability_batches(model, meta, dataset, device, batch_size, progress, indices,
+                                            "unet predict"):
+        height, width = dataset.image_size(index)
+        yield index, cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 def predict_masks(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset, out_dir: Optional[Path],
                   device: torch.device, batch_size: int = 8, progress: ProgressFn = no_progress,
                   keep: bool = False, indices: Optional[Sequence[int]] = None,
@@ -205,16 +214,25 @@ def predict_masks(model: torch.nn.Module, meta: SegmenterMeta, dataset: Segmenta
     """Masks at each image's own size, after the `refine` steps if any; written as `out_dir/<stem>.png`
     when `out_dir` is given (for `indices` only, e.g. this rank's shard). Returns the masks when `keep`."""
     kept = []
-    for index, prob in _probability_batches(model, meta, dataset, device, batch_size, progress, indices,
-                                            "unet predict"):
-        height, width = dataset.image_size(index)
-        prob = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
+    for index, prob in _image_probabilities(model, meta, dataset, device, batch_size, progress, indices):
         mask = refined_mask(prob, dataset, index, refine, meta.threshold)
         if out_dir is not None:
             write_mask_png(Path(out_dir) / f"{dataset.records[index].stem}.png", mask)
         if keep:
             kept.append(mask)
     return kept
+
+
+def write_masks(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset,
+                outputs: Mapping[Path, Sequence], device: torch.device, batch_size: int = 8,
+                progress: ProgressFn = no_progress, indices: Optional[Sequence[int]] = None) -> None:
+    """Several mask folders from one prediction pass: `outputs` maps each folder to its `refine` steps
+    (empty: the plain masks). The same masks as one `predict_masks` call per folder, at the cost of one,
+    which matters when prediction averages flips at a larger size."""
+    for index, prob in _image_probabilities(model, meta, dataset, device, batch_size, progress, indices):
+        for out_dir, refine in outputs.items():
+            mask = refined_mask(prob, dataset, index, refine, meta.threshold)
+            write_mask_png(Path(out_dir) / f"{dataset.records[index].stem}.png", mask)
 
 
 def write_probabilities(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset, out_dir: Path,
@@ -237,4 +255,4 @@ def validation_dice(model, dataset: SegmentationDataset, meta: SegmenterMeta, de
 
 
 __all__ = ["SegmentResult", "load_segmenter", "predict_masks", "pseudo_mask_source", "segmentation_loss",
-           "train_segmenter"]
+           "train_segmenter", "write_masks"]
