@@ -1,5 +1,6 @@
 """Refinement steps, threshold rules, calibration and mask variants."""
 
+import cv2
 import numpy as np
 import pytest
 
@@ -175,6 +176,25 @@ def test_grabcut_grows_a_partial_mask_to_the_object_colour():
     refined = MASK_STEPS.get("grabcut")(partial, image=image, source_map=activation, max_side=60)
     assert refined.shape == truth.shape
     assert (refined ^ truth).sum() < (partial ^ truth).sum() / 4
+
+
+def test_grabcut_cuts_the_same_whatever_ran_before_it():
+    """GrabCut's k-means start draws from OpenCV's RNG; a resume or another shard must still make the same
+    labels. A noisy scene where, unseeded, other k-means calls in between change the cut."""
+    rng = np.random.default_rng(0)
+    image = (rng.random((120, 160, 3)) * 255).astype(np.uint8)
+    yy, xx = np.mgrid[:120, :160]
+    inside = (yy - 60) ** 2 / 900 + (xx - 80) ** 2 / 1600 < 1
+    image[inside] = np.clip(image[inside] * 0.5 + 100, 0, 255).astype(np.uint8)
+    prob = np.clip(inside * 0.7 + rng.random(inside.shape) * 0.4, 0, 1).astype(np.float32)
+    step = MASK_STEPS.get("grabcut")
+    first = step(prob > 0.5, image=image, source_map=prob, sure_above=0.4, sure_below=0.3)
+    for _ in range(3):
+        points = rng.random((50, 3)).astype(np.float32)
+        cv2.kmeans(points, 3, None, (cv2.TERM_CRITERIA_MAX_ITER, 5, 0), 1, cv2.KMEANS_PP_CENTERS)
+        again = step(prob > 0.5, image=image, source_map=prob, sure_above=0.4, sure_below=0.3)
+        assert np.array_equal(first, again)
+    assert first[inside].mean() > 0.9 and first.mean() < 0.5  # a real cut: the ellipse, not everything
 
 
 def test_grabcut_in_a_variant_gets_the_image_and_source_map(tmp_path):

@@ -51,6 +51,9 @@ def grabcut(mask: np.ndarray, image: Optional[np.ndarray] = None, source_map: Op
     background_model, object_model = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     # OpenCV's GrabCut takes an 8-bit, 3-channel BGR image; images here are RGB.
     bgr = np.ascontiguousarray(small_image[..., ::-1], np.uint8)
+    # GrabCut starts its colour models with k-means from OpenCV's RNG: seeded here, each image's cut no longer
+    # depends on what ran before it in the process (resumes, shards and fresh runs make the same labels).
+    cv2.setRNGSeed(0)
     cv2.grabCut(bgr, seeds, None, background_model, object_model, int(iterations), cv2.GC_INIT_WITH_MASK)
     refined = np.isin(seeds, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.uint8)
     return cv2.resize(refined, (width, height), interpolation=cv2.INTER_NEAREST) > 0
