@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -25,8 +26,8 @@ from wsseg.errors import ConfigError
 from wsseg.models.segmenter import (FlipAveraged, SegmenterMeta, build_unet, flip_views, load_segmenter,
                                     probability_model, save_segmenter, with_prediction)
 from wsseg.stages.pseudo_masks import MaskRule
-from wsseg.stages.segment import (IGNORE, confident_mask_source, predict_masks, pseudo_mask_source,
-                                  segmentation_loss, train_segmenter, write_masks)
+from wsseg.stages.segment import (IGNORE, calibrate_unet_threshold, confident_mask_source, predict_masks,
+                                  pseudo_mask_source, segmentation_loss, train_segmenter, write_masks)
 from wsseg_infer.runtime import InputError, Segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,13 +87,15 @@ def test_flip_averaged_prediction_is_the_mean_over_flipped_views():
 def test_export_and_prediction_follow_the_meta_prediction_settings(exported, tmp_path):
     folder, _ = exported
     model, meta = load_segmenter(folder / "unet.pth")
-    predicting = with_prediction(meta, PredictConfig(size=96, hflip=True, vflip=True))
+    assert with_prediction(meta, PredictConfig(size=96)).threshold == meta.threshold  # unset: the U-Net's own
+    predicting = with_prediction(meta, PredictConfig(size=96, hflip=True, vflip=True, threshold=0.3))
     assert predicting.input_size == 96 and predicting.image_size == 64 and predicting.flips == ["hflip", "vflip"]
+    assert predicting.threshold == 0.3 != meta.threshold
     report = export_segmenter_model(model, predicting, tmp_path / "tta.onnx")
     assert report.max_abs_diff < 1e-4  # the flips are inside the graph, at the parity check's other size too
     meta_onnx = read_metadata(report.path)
     assert meta_onnx["input_size"] == "96" and meta_onnx["trained_size"] == "64"
-    assert meta_onnx["flips_averaged"] == "hflip,vflip"
+    assert meta_onnx["flips_averaged"] == "hflip,vflip" and float(meta_onnx["threshold"]) == 0.3
     dataset = create_dataset(DatasetConfig("synthetic", None, "val", options={"n": 3, "size": 80}))
     torch_masks = predict_masks(model, predicting, dataset, None, "cpu", keep=True)
     onnx_masks = Segmenter(report.path, device="cpu").masks([dataset.load_image(i) for i in range(3)])
@@ -113,12 +116,34 @@ def test_one_prediction_pass_writes_each_folder_as_its_own_call_would(exported, 
     meta = with_prediction(meta, PredictConfig(size=96, hflip=True))
     dataset = create_dataset(DatasetConfig("synthetic", None, "val", options={"n": 3, "size": 80}))
     steps = [RefineStepConfig("largest_component")]
-    write_masks(model, meta, dataset, {tmp_path / "plain": (), tmp_path / "largest": steps}, "cpu")
-    for name, refine in (("plain", ()), ("largest", steps)):
-        expected = predict_masks(model, meta, dataset, None, "cpu", keep=True, refine=refine)
+    outputs = {tmp_path / "plain": ((), meta.threshold), tmp_path / "largest": (steps, meta.threshold),
+               tmp_path / "low": ((), 0.2)}
+    write_masks(model, meta, dataset, outputs, "cpu")
+    for name, refine, at in (("plain", (), meta), ("largest", steps, meta), ("low", (), replace(meta, threshold=0.2))):
+        expected = predict_masks(model, at, dataset, None, "cpu", keep=True, refine=refine)
         written = [read_binary_mask(tmp_path / name / f"{dataset.records[i].stem}.png") for i in range(3)]
         assert all(np.array_equal(w, e > 0) for w, e in zip(written, expected)), name
     assert any(e.any() for e in expected)
+
+
+def test_unet_threshold_calibration_picks_the_grid_value_with_the_best_dice(monkeypatch):
+    import wsseg.stages.segment as segment_stage
+
+    dataset = create_dataset(DatasetConfig("synthetic", None, "val", options={"n": 4, "size": 48,
+                                                                              "negative_fraction": 0.0}))
+    seen = {}
+
+    def probabilities(model, meta, dataset, device, batch_size, progress, indices):
+        seen["meta"] = meta
+        for index in range(len(dataset)):  # an under-confident U-Net: 0.3 on the objects, 0.1 elsewhere
+            yield index, np.where(dataset.load_mask(index) > 0, 0.3, 0.1).astype(np.float32)
+
+    monkeypatch.setattr(segment_stage, "_image_probabilities", probabilities)
+    meta = SegmenterMeta("tu-test", 64, (0.5,) * 3, (0.5,) * 3, predict_size=96)
+    threshold, curve = calibrate_unet_threshold(None, meta, dataset, [0.05, 0.2, 0.25, 0.5], "cpu")
+    assert threshold == 0.2 and curve[0.2] == curve[0.25] == 1.0  # ties go to the lowest
+    assert curve[0.05] < 1.0 and curve[0.5] == 0.0  # everything / nothing marked
+    assert seen["meta"] is meta  # the images are predicted as the meta says
 
 
 def test_runtime_preprocessing_is_the_training_pipelines(tmp_path):

@@ -104,11 +104,19 @@ def test_variant_validation_names_the_key():
     with pytest.raises(ConfigError) as err:  # each band checked on its own
         parse_recipe({**base, "segment": {"masks": "gradcam", "train": [{"name": "synthetic"}],
                                           "ignore_band": [0.2, 1.5], "self_training_init": "last",
-                                          "self_training_epochs": 0, "predict": {"size": 100}}})
+                                          "self_training_epochs": 0,
+                                          "predict": {"size": 100, "threshold": 1.5, "threshold_mode": "otsu"}}})
     assert "segment.ignore_band: expected [low, high]" in str(err.value) and "confident_band" not in str(err.value)
     assert "segment.self_training_init: must be one of fresh, previous, got 'last'" in str(err.value)
     assert "segment.self_training_epochs: at least 1" in str(err.value)
     assert "segment.predict.size: the U-Net downsamples 5 times, so it must be a multiple of 32" in str(err.value)
+    assert "segment.predict.threshold: must lie in [0, 1]" in str(err.value)
+    assert "segment.predict.threshold_mode: must be one of fixed, calibrated, got 'otsu'" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        parse_recipe({**base, "segment": {"masks": "gradcam", "train": [{"name": "synthetic"}],
+                                          "predict": {"threshold_mode": "calibrated", "threshold": 0.3}}})
+    assert "segment.predict.threshold_mode: 'calibrated' needs pseudo_masks.calibrate.dataset" in str(err.value)
+    assert "segment.predict.threshold: 0.3 set, but threshold_mode 'calibrated' chooses it" in str(err.value)
 
 
 def test_dense_crf_snaps_a_blurry_map_to_the_object():

@@ -19,6 +19,7 @@ from conftest import TINY_MODEL, tiny_demo_overrides
 from wsseg.cli.main import main
 from wsseg.config_schema import BackboneConfig, ClassifierConfig, DatasetConfig
 from wsseg.data import create_dataset
+from wsseg.data.io import read_binary_mask
 from wsseg.deploy.onnx_export import read_metadata
 from wsseg.errors import ConfigError, DataError, WssegError
 from wsseg.models.segmenter import load_segmenter
@@ -246,6 +247,39 @@ def test_how_the_unet_predicts_reuses_it_and_reaches_its_checkpoint_and_export(t
     assert main(["recipe", "run", "--resume", str(out)]) == 0  # nothing changed: round 0's predictions reused too
     fifth = json.loads((out / "metrics.json").read_text())
     assert {"unet_round0", "unet_round0_probabilities", "unet"} <= set(fifth["resumed_skipped_stages"])
+
+
+def test_a_calibrated_mask_threshold_reaches_checkpoint_and_export_and_retrains_nothing(tmp_path):
+    out = tmp_path / "run"
+    overrides = tiny_demo_overrides(("gradcam",)) + ["segment.masks=gradcam", "export.int8=false",
+                                                     "pseudo_masks.variants=[]", "segment.self_training_rounds=1"]
+    assert main(["recipe", "run", "demo", "--out", str(out), *overrides]) == 0
+    assert load_segmenter(out / "checkpoints" / "unet.pth")[1].threshold == 0.5
+    assert main(["recipe", "run", "--resume", str(out), "segment.predict.threshold_mode=calibrated",
+                 "pseudo_masks.calibrate.grid=[0.05, 0.3, 0.6, 0.95]"]) == 0
+    second = json.loads((out / "metrics.json").read_text())
+    # The threshold of a U-Net's masks is neither its training nor its round's labels: all reused.
+    assert {"unet_round0", "unet_round0_probabilities", "unet"} <= set(second["resumed_skipped_stages"])
+    assert len(list((out / "train_masks").glob("unet_round0-*"))) == 1
+    for name in ("unet_round0", "unet"):
+        calibration = second["calibration"][name]
+        curve = {float(t): d for t, d in calibration["dice_by_threshold"].items()}
+        assert calibration["n_images"] == 3 and set(curve) == {0.05, 0.3, 0.6, 0.95}
+        assert calibration["threshold"] == max(curve, key=curve.get)
+    threshold = second["calibration"]["unet"]["threshold"]
+    assert load_segmenter(out / "checkpoints" / "unet.pth")[1].threshold == threshold
+    assert float(read_metadata(out / "model.onnx")["threshold"]) == threshold
+    calibrated_masks = {p.name: read_binary_mask(p) for p in (out / "masks" / "unet").glob("*.png")}
+    assert main(["recipe", "run", "--resume", str(out), "segment.predict.threshold_mode=fixed",
+                 "segment.predict.threshold=0.95"]) == 0
+    assert load_segmenter(out / "checkpoints" / "unet.pth")[1].threshold == 0.95
+    assert float(read_metadata(out / "model.onnx")["threshold"]) == 0.95
+    third = json.loads((out / "metrics.json").read_text())
+    assert {"unet_round0", "unet_round0_probabilities", "unet"} <= set(third["resumed_skipped_stages"])
+    high_masks = {p.name: read_binary_mask(p) for p in (out / "masks" / "unet").glob("*.png")}
+    assert calibrated_masks and high_masks.keys() == calibrated_masks.keys()
+    assert all((high_masks[k] <= calibrated_masks[k]).all() for k in high_masks)  # a higher threshold marks less
+    assert threshold == 0.95 or any((high_masks[k] < calibrated_masks[k]).any() for k in high_masks)
 
 
 def test_fitted_maps_learn_from_maps_fit_dataset_and_refit_when_it_changes(tmp_path, monkeypatch):

@@ -10,7 +10,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from wsseg.config_schema import CLASSIFIER_SCHEDULES, CLASSIFIER_WEIGHTS, SELF_TRAINING_INITS, RecipeConfig
+from wsseg.config_schema import (CLASSIFIER_SCHEDULES, CLASSIFIER_WEIGHTS, PREDICT_THRESHOLD_MODES, SELF_TRAINING_INITS,
+                                 RecipeConfig)
 from wsseg.errors import ConfigError, UnknownNameError
 
 _MISSING = object()
@@ -179,6 +180,20 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
         if size is not None and (size < 32 or size % 32):
             problems.append(f"segment.predict.size: the U-Net downsamples 5 times, so it must be a multiple of 32 "
                             f"(or null: segment.image_size), got {size}")
+        predict = config.segment.predict
+        if predict.threshold is not None and not 0.0 <= predict.threshold <= 1.0:
+            problems.append(f"segment.predict.threshold: must lie in [0, 1] (or null: segment.threshold), "
+                            f"got {predict.threshold}")
+        if predict.threshold_mode not in PREDICT_THRESHOLD_MODES:
+            problems.append(f"segment.predict.threshold_mode: must be one of {', '.join(PREDICT_THRESHOLD_MODES)}, "
+                            f"got '{predict.threshold_mode}'")
+        calibrate = config.pseudo_masks.calibrate
+        if predict.threshold_mode == "calibrated" and (calibrate is None or calibrate.dataset is None):
+            problems.append("segment.predict.threshold_mode: 'calibrated' needs pseudo_masks.calibrate.dataset "
+                            "(the labelled images the threshold is chosen on)")
+        if predict.threshold_mode == "calibrated" and predict.threshold is not None:
+            problems.append(f"segment.predict.threshold: {predict.threshold} set, but threshold_mode 'calibrated' "
+                            f"chooses it (set threshold_mode=fixed, or threshold=null)")
         if config.segment.image_size % 32:
             problems.append(f"segment.image_size: the U-Net downsamples 5 times, so it must be a multiple of 32, "
                             f"got {config.segment.image_size}")

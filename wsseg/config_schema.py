@@ -27,6 +27,7 @@ class DatasetConfig:
 
 CLASSIFIER_SCHEDULES = ("alternate", "concat")
 SELF_TRAINING_INITS = ("fresh", "previous")  # segment.self_training_init
+PREDICT_THRESHOLD_MODES = ("fixed", "calibrated")  # segment.predict.threshold_mode
 CLASSIFIER_WEIGHTS = "classifier"  # segment.encoder_weights: start the U-Net's encoder from the trained classifier
 
 
@@ -105,11 +106,18 @@ class CCAMConfig:
 class PredictConfig:
     """How a trained U-Net predicts (the run's masks, the self-training labels, the export): input `size`
     (None: `segment.image_size`) and probabilities averaged over horizontal / vertical flips (all
-    combinations of those set). Training does not depend on it."""
+    combinations of those set). Training does not depend on it.
+
+    The threshold of its masks (the run's masks and the export, not the self-training labels, which
+    `segment.threshold` makes): `threshold` (None: `segment.threshold`), or with `threshold_mode:
+    calibrated` the `pseudo_masks.calibrate.grid` value with the best Dice on the
+    `pseudo_masks.calibrate` images, for each U-Net of the run."""
 
     size: Optional[int] = None
     hflip: bool = False
     vflip: bool = False
+    threshold: Optional[float] = None
+    threshold_mode: str = "fixed"
 
 
 @dataclass

@@ -438,6 +438,9 @@ class RecipeRun:
         from wsseg.stages.segment import (confident_mask_source, load_segmenter, pseudo_mask_source, train_segmenter,
                                           write_masks, write_probabilities)
 
+        # How U-Nets make probabilities shapes the next round's labels; the threshold of their masks does not.
+        probabilities_predict = replace(self.config.segment.predict, threshold=None, threshold_mode="fixed")
+
         seg = self.config.segment
         parts = [self.dataset(d, f"segment.train.{i}") for i, d in enumerate(seg.train)]
         train_set = concat_datasets(parts)
@@ -464,13 +467,14 @@ class RecipeRun:
         for round_index in range(rounds + 1):
             name = "unet" if round_index == rounds else f"unet_round{round_index}"
             # Not the number of rounds: round k of a run with more rounds is the final U-Net of one with k.
-            # Round 0 learns from the pseudo-masks: how later rounds make their labels (and how U-Nets predict,
-            # `predict`, which shapes those labels) is not its input.
+            # Round 0 learns from the pseudo-masks: how later rounds make their labels (the threshold, and how
+            # U-Nets predict, `predict`, which shapes those labels) is not its input.
             defaults = SegmentConfig()
-            own = replace(self.config.segment, self_training_rounds=0) if round_index else \
-                replace(self.config.segment, self_training_rounds=0, self_training_refine=[],
-                        confident_band=defaults.confident_band, self_training_init=defaults.self_training_init,
-                        self_training_epochs=defaults.self_training_epochs, predict=defaults.predict)
+            own = replace(self.config.segment, self_training_rounds=0, predict=probabilities_predict)
+            if not round_index:
+                own = replace(own, self_training_refine=[], confident_band=defaults.confident_band,
+                              self_training_init=defaults.self_training_init, threshold=defaults.threshold,
+                              self_training_epochs=defaults.self_training_epochs, predict=defaults.predict)
             digest = fingerprint(own, self.config.backbone, self.config.seed, upstream, round_index, *encoder_from)
             round_config = replace(seg, epochs=seg.self_training_epochs or seg.epochs) if round_index else seg
             start_from = previous_checkpoint if round_index and seg.self_training_init == "previous" else None
@@ -496,16 +500,16 @@ class RecipeRun:
                 self.metrics[f"{name}_training"] = result["metrics"]
                 previous_checkpoint = Path(result["checkpoint"])
                 model, meta = load_segmenter(previous_checkpoint)
-                meta = self.predicting_as_configured(previous_checkpoint, meta)
+                meta = self.predicting_as_configured(name, previous_checkpoint, model, meta)
                 out[name] = self.out_dir / "masks" / name
-                mask_sets = {out[name]: ()}
+                mask_sets = {out[name]: ((), meta.threshold)}
                 if round_index < rounds and seg.self_training_refine:  # the next round's labels, on val too
                     out[f"{name}_refined"] = self.out_dir / "masks" / f"{name}_refined"
-                    mask_sets[out[f"{name}_refined"]] = seg.self_training_refine
+                    mask_sets[out[f"{name}_refined"]] = (seg.self_training_refine, seg.threshold)
                 write_masks(model, meta, eval_set, mask_sets, self.device, seg.batch_size, self.progress,
                             indices=dist.shard(range(len(eval_set))))
                 if round_index < rounds:  # the next round learns from this model's confident pixels
-                    predict_part = [seg.predict] if seg.predict != SegmentConfig().predict else []
+                    predict_part = [probabilities_predict] if probabilities_predict != SegmentConfig().predict else []
 
                     def probabilities(model=model, meta=meta, name=name):
                         prob_dir = self.out_dir / "maps_train" / name
@@ -518,22 +522,36 @@ class RecipeRun:
                                                 probabilities, lambda r: [Path(r)]))
                     labels_fp = fingerprint(digest, seg.confident_band, seg.self_training_refine, *predict_part)
                     source = confident_mask_source(train_set, prob_dir, seg.confident_band, seg.self_training_refine,
-                                                   cache_dir=self.out_dir / "train_masks" / f"{name}-{labels_fp}")
+                                                   cache_dir=self.out_dir / "train_masks" / f"{name}-{labels_fp}",
+                                                   threshold=seg.threshold)
                     upstream = digest
             dist.barrier()
         self.artifacts["unet"] = self.out_dir / "checkpoints" / "unet.pth"
         return out
 
-    def predicting_as_configured(self, checkpoint: Path, meta):
-        """A U-Net reused from a run with other `segment.predict` settings (they are not part of its
-        fingerprint) has them updated in its checkpoint, so that export and `wsseg predict` follow the recipe."""
+    def predicting_as_configured(self, name: str, checkpoint: Path, model, meta):
+        """The U-Net's meta as `segment.predict` says, its threshold calibrated if asked. A U-Net reused from a
+        run with other settings (they are not part of its fingerprint) has them updated in its checkpoint, so
+        that export and `wsseg predict` follow the recipe."""
         from wsseg.models.segmenter import rewrite_meta, with_prediction
+        from wsseg.stages.segment import calibrate_unet_threshold
 
-        wanted = with_prediction(meta, self.config.segment.predict)
+        seg = self.config.segment
+        wanted = with_prediction(replace(meta, threshold=seg.threshold), seg.predict)
+        if seg.predict.threshold_mode == "calibrated":
+            calib = self.config.pseudo_masks.calibrate
+            dataset = self.dataset(calib.dataset, "pseudo_masks.calibrate.dataset").subset(calib.n_images)
+            with self.timer("unet_threshold"):
+                threshold, curve = calibrate_unet_threshold(model, wanted, dataset, calib.grid, self.device,
+                                                            seg.batch_size)
+            wanted = replace(wanted, threshold=threshold)
+            self.metrics.setdefault("calibration", {})[name] = {"threshold": threshold, "n_images": len(dataset),
+                                                                "dice_by_threshold": curve}
+            log.info("%s: calibrated mask threshold %.2f on %d labelled images", name, threshold, len(dataset))
         if wanted != meta and dist.is_main():
             rewrite_meta(checkpoint, wanted)
-            log.info("%s: now predicts at %d px, flips %s (segment.predict)", checkpoint.name, wanted.input_size,
-                     wanted.flips or "none")
+            log.info("%s: now predicts at %d px, flips %s, threshold %.2f (segment.predict)", checkpoint.name,
+                     wanted.input_size, wanted.flips or "none", wanted.threshold)
         dist.barrier()
         return wanted
 

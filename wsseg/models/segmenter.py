@@ -46,9 +46,11 @@ def flip_views(flips: Sequence[str]) -> List[Tuple[int, ...]]:
 
 
 def with_prediction(meta: SegmenterMeta, predict) -> SegmenterMeta:
-    """`meta` predicting as a `PredictConfig` says (size and flips), the weights' own fields unchanged."""
+    """`meta` predicting as a `PredictConfig` says (size, flips and a fixed `threshold` when set), the
+    weights' own fields unchanged. A calibrated threshold is the runner's to set."""
     flips = [name for name in FLIP_DIMS if getattr(predict, name)]
-    return replace(meta, predict_size=predict.size, flips=flips)
+    threshold = meta.threshold if predict.threshold is None else predict.threshold
+    return replace(meta, predict_size=predict.size, flips=flips, threshold=threshold)
 
 
 class ProbabilityHead(torch.nn.Module):

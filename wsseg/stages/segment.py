@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -93,17 +93,18 @@ def cached_masks(compute: Callable[[int], np.ndarray], cache_dir: Optional[Path]
 
 
 def confident_mask_source(dataset: SegmentationDataset, prob_dir: Path, band: List[float],
-                          refine: Sequence = (), cache_dir: Optional[Path] = None) -> Callable[[int], np.ndarray]:
-    """Self-training labels from saved U-Net probabilities: thresholded at 0.5 after the `refine` steps
-    (wsseg.refine; GrabCut sees the probability as its source map), pixels whose probability lies inside
-    `band` ignored."""
+                          refine: Sequence = (), cache_dir: Optional[Path] = None,
+                          threshold: float = 0.5) -> Callable[[int], np.ndarray]:
+    """Self-training labels from saved U-Net probabilities: thresholded at `threshold` after the `refine`
+    steps (wsseg.refine; GrabCut sees the probability as its source map), pixels whose probability lies
+    inside `band` ignored."""
     def compute(index: int) -> np.ndarray:
         height, width = dataset.image_size(index)
         if _is_negative(dataset, index):
             return np.zeros((height, width), np.uint8)
         saved = np.load(Path(prob_dir) / f"{dataset.records[index].stem}.npy").astype(np.float32)
         prob = cv2.resize(saved, (width, height), interpolation=cv2.INTER_LINEAR)
-        mask = refined_mask(prob, dataset, index, refine).astype(np.uint8)
+        mask = refined_mask(prob, dataset, index, refine, threshold).astype(np.uint8)
         mask[(prob > band[0]) & (prob < band[1])] = IGNORE
         return mask
 
@@ -224,15 +225,29 @@ def predict_masks(model: torch.nn.Module, meta: SegmenterMeta, dataset: Segmenta
 
 
 def write_masks(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset,
-                outputs: Mapping[Path, Sequence], device: torch.device, batch_size: int = 8,
+                outputs: Mapping[Path, Tuple[Sequence, float]], device: torch.device, batch_size: int = 8,
                 progress: ProgressFn = no_progress, indices: Optional[Sequence[int]] = None) -> None:
     """Several mask folders from one prediction pass: `outputs` maps each folder to its `refine` steps
-    (empty: the plain masks). The same masks as one `predict_masks` call per folder, at the cost of one,
-    which matters when prediction averages flips at a larger size."""
+    (empty: plain masks) and threshold. The same masks as one `predict_masks` call per folder, at the cost
+    of one, which matters when prediction averages flips at a larger size."""
     for index, prob in _image_probabilities(model, meta, dataset, device, batch_size, progress, indices):
-        for out_dir, refine in outputs.items():
-            mask = refined_mask(prob, dataset, index, refine, meta.threshold)
+        for out_dir, (refine, threshold) in outputs.items():
+            mask = refined_mask(prob, dataset, index, refine, threshold)
             write_mask_png(Path(out_dir) / f"{dataset.records[index].stem}.png", mask)
+
+
+def calibrate_unet_threshold(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset,
+                             grid: Sequence[float], device: torch.device,
+                             batch_size: int = 8) -> Tuple[float, Dict[float, float]]:
+    """The `grid` threshold whose masks have the best mean Dice on `dataset` (a few labelled images, never
+    the evaluation images), the U-Net predicting as `meta` says; and the Dice of each grid value."""
+    from wsseg.metrics import confusion, scores
+
+    probs = list(_image_probabilities(model, meta, dataset, device, batch_size, no_progress, None))
+    truths = [dataset.load_mask(index) for index, _ in probs]
+    curve = {float(t): float(np.mean([scores(confusion(prob >= t, truth))["dice"]
+                                      for (_, prob), truth in zip(probs, truths)])) for t in grid}
+    return max(curve, key=curve.get), curve
 
 
 def write_probabilities(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset, out_dir: Path,
@@ -254,5 +269,5 @@ def validation_dice(model, dataset: SegmentationDataset, meta: SegmenterMeta, de
     return float(np.mean([scores(confusion(m, dataset.load_mask(i)))["dice"] for i, m in enumerate(masks)]))
 
 
-__all__ = ["SegmentResult", "load_segmenter", "predict_masks", "pseudo_mask_source", "segmentation_loss",
-           "train_segmenter", "write_masks"]
+__all__ = ["SegmentResult", "calibrate_unet_threshold", "load_segmenter", "predict_masks", "pseudo_mask_source",
+           "segmentation_loss", "train_segmenter", "write_masks"]
