@@ -139,7 +139,7 @@ class SegmentConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     ignore_band: Optional[List[float]] = None
-    threshold: float = 0.5
+    threshold: float = 0.5  # of the self-training labels, and of the masks unless `predict` sets theirs
     self_training_rounds: int = 0
     confident_band: List[float] = field(default_factory=lambda: [0.3, 0.7])
     self_training_refine: List[RefineStepConfig] = field(default_factory=list)
