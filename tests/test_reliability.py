@@ -41,7 +41,7 @@ def _ddp_worker(rank, world, port, out, task):
     torch.set_num_threads(1)
     from wsseg import distributed as dist
 
-    dist.init_from_env()
+    dist.init_from_env("cpu")  # gloo, also on a machine with a GPU (one GPU cannot serve two NCCL ranks)
     try:
         task(Path(out))
     finally:
@@ -104,6 +104,23 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     double = json.loads((tmp_path / "two" / "loss.json").read_text())
     assert np.isfinite(double) and abs(single - double) < 0.25 * max(single, 0.1), (single, double)
     assert (tmp_path / "two" / "classifier.pth").is_file()
+
+
+def test_the_process_group_follows_the_runs_device_not_the_machine(monkeypatch):
+    from wsseg import distributed as dist
+
+    backends = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: backends.append(f"cuda:{index}"))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **_: backends.append(backend))
+    assert dist.init_from_env("cpu") and backends == ["gloo"]  # CPU processes: gloo, no GPU taken
+    with pytest.raises(WssegError, match=r"LOCAL_RANK 1: this machine has 1 CUDA device.*--nproc_per_node 1"):
+        dist.init_from_env("auto")  # auto means CUDA here, and a second rank has no GPU of its own
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert dist.init_from_env("cuda") and backends == ["gloo", "cuda:1", "nccl"]
 
 
 # ----------------------------------------------------------------------------- resume

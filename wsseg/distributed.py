@@ -11,15 +11,24 @@ from typing import List, Sequence
 import torch
 import torch.distributed as dist
 
+from wsseg.device import resolve_device
+from wsseg.errors import WssegError
 
-def init_from_env() -> bool:
-    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU); False when not launched so."""
+
+def init_from_env(device: str = "auto") -> bool:
+    """Join the process group torchrun describes: NCCL when the run's `device` is CUDA (each rank on its own
+    GPU), gloo on CPU, also on a machine that has a GPU the run does not use. False when not launched so."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return dist.is_initialized()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    on_cuda = resolve_device(device).type == "cuda"
+    if on_cuda:
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise WssegError(f"LOCAL_RANK {local_rank}: this machine has {gpus} CUDA device(s) and each process "
+                             f"takes its own; start at most {gpus} per machine (torchrun --nproc_per_node {gpus}), "
+                             f"or run on CPU processes with device=cpu")
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if on_cuda else "gloo")
     return True
 
 
@@ -46,8 +55,6 @@ def barrier() -> None:
 
 def local_device(name: str) -> torch.device:
     """Under torchrun with CUDA each rank takes its own GPU."""
-    from wsseg.device import resolve_device
-
     device = resolve_device(name)
     if device.type == "cuda" and is_distributed():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -57,7 +64,9 @@ def local_device(name: str) -> torch.device:
 def mean_across_ranks(value: float) -> float:
     if not is_distributed():
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    # NCCL reduces only CUDA tensors (on this rank's GPU, set by init_from_env); gloo CPU ones.
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([value], dtype=torch.float64, device=on)
     dist.all_reduce(tensor)
     return float(tensor.item()) / world_size()
 

@@ -151,7 +151,7 @@ def run_log(path: Path):
 def run_recipe(config: RecipeConfig, out_dir: Path, data_root: Optional[Path] = None,
                progress: ProgressFn = no_progress, overwrite: bool = False, resume: bool = False) -> RunResult:
     """Run every stage the recipe enables; returns metrics per mask producer and stage timings."""
-    dist.init_from_env()
+    dist.init_from_env(config.device)
     out_dir = prepare_run_dir(out_dir, overwrite, resume)
     if dist.is_main():
         (out_dir / "config.yaml").write_text(to_yaml(config))

@@ -91,7 +91,7 @@ def cmd_run(args) -> int:
     else:
         config = load_recipe(args.recipe, args.overrides)
         out = args.out or Path("runs") / config.name / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    dist.init_from_env()
+    dist.init_from_env(config.device)
     setup_console_logging(args.verbose)
     bars = rich_progress() if dist.is_main() else contextlib.nullcontext(no_progress)
     with bars as progress:
