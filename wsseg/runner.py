@@ -544,6 +544,7 @@ class RecipeRun:
             with self.timer("unet_threshold"):
                 threshold, curve = calibrate_unet_threshold(model, wanted, dataset, calib.grid, self.device,
                                                             seg.batch_size)
+            threshold = dist.broadcast_object(threshold)  # every rank thresholds its shard as rank 0 does
             wanted = replace(wanted, threshold=threshold)
             self.metrics.setdefault("calibration", {})[name] = {"threshold": threshold, "n_images": len(dataset),
                                                                 "dice_by_threshold": curve}
