@@ -26,8 +26,9 @@ from wsseg.errors import ConfigError
 from wsseg.models.segmenter import (FlipAveraged, SegmenterMeta, build_unet, flip_views, load_segmenter,
                                     probability_model, save_segmenter, with_prediction)
 from wsseg.stages.pseudo_masks import MaskRule
-from wsseg.stages.segment import (IGNORE, calibrate_unet_threshold, confident_mask_source, predict_masks,
-                                  pseudo_mask_source, segmentation_loss, train_segmenter, write_masks)
+from wsseg.stages.segment import (calibrate_unet_threshold, predict_masks, segmentation_loss, train_segmenter,
+                                  write_masks)
+from wsseg.stages.unet_labels import IGNORE, confident_mask_source, pseudo_mask_source
 from wsseg_infer.runtime import InputError, Segmenter
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -435,8 +435,8 @@ class RecipeRun:
     def segment(self, producers: Dict[str, MapProducer], eval_set: SegmentationDataset) -> Dict[str, Path]:
         """Train the U-Net on pseudo-masks (or real masks), then optional self-training rounds.
         Returns {"unet": mask folder} plus one entry per earlier round."""
-        from wsseg.stages.segment import (confident_mask_source, load_segmenter, pseudo_mask_source, train_segmenter,
-                                          write_masks, write_probabilities)
+        from wsseg.stages.segment import load_segmenter, train_segmenter, write_masks, write_probabilities
+        from wsseg.stages.unet_labels import confident_mask_source, pseudo_mask_source
 
         # How U-Nets make probabilities shapes the next round's labels; the threshold of their masks does not.
         probabilities_predict = replace(self.config.segment.predict, threshold=None, threshold_mode="fixed")

@@ -1,0 +1,103 @@
+"""What each U-Net learns from: pseudo-masks made from maps, the real masks (the supervised upper bound),
+or, in a self-training round, the previous U-Net's refined predictions. Labels are uint8 masks, 0/1 with
+IGNORE for pixels left out of the loss; refinements that need the full-size image are cached per mask."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import cv2
+import numpy as np
+
+from wsseg.data.base import SegmentationDataset
+from wsseg.refine import needs_image, refine_map, threshold_and_clean
+from wsseg.stages.pseudo_masks import MaskRule
+
+IGNORE = 255
+
+
+def _is_negative(dataset: SegmentationDataset, index: int) -> bool:
+    """The image label says there is nothing to find: its mask is empty whatever a map shows."""
+    return dataset.records[index].label != dataset.positive_index
+
+
+def pseudo_mask_source(dataset: SegmentationDataset, rule: Optional[MaskRule] = None,
+                       map_dirs: Optional[Dict[str, Path]] = None,
+                       ignore_band: Optional[List[float]] = None,
+                       cache_dir: Optional[Path] = None) -> Callable[[int], np.ndarray]:
+    """index -> uint8 mask (0/1, 255 = ignored) from saved maps through `rule`, or the real masks when
+    `rule` is None. Images whose image-level label is negative get an empty mask whatever their map shows.
+
+    With `cache_dir`, each mask is computed once and kept as `<index>.png`: refinements such as the dense
+    CRF need the full-size image and would otherwise run again every epoch. The folder must be specific
+    to the rule (the runner names it by the rule's fingerprint).
+    """
+    def from_ground_truth(index: int) -> np.ndarray:
+        return dataset.load_mask(index).astype(np.uint8)
+
+    def compute(index: int) -> np.ndarray:
+        if _is_negative(dataset, index):
+            return np.zeros(dataset.image_size(index), np.uint8)
+        refined = rule.refined(dataset, index, map_dirs)
+        mask = rule.mask(refined).astype(np.uint8)
+        if ignore_band is not None:
+            activation = refined.activation
+            mask[(activation >= ignore_band[0]) & (activation < ignore_band[1])] = IGNORE
+        return mask
+
+    return from_ground_truth if rule is None else cached_masks(compute, cache_dir)
+
+
+def cached_masks(compute: Callable[[int], np.ndarray], cache_dir: Optional[Path]) -> Callable[[int], np.ndarray]:
+    """`compute` with each mask kept as `cache_dir/<index>.png` after its first call (none kept without
+    `cache_dir`). The folder must be specific to what `compute` does: the runner names it by a fingerprint."""
+    if cache_dir is None:
+        return compute
+
+    def source(index: int) -> np.ndarray:
+        cached = Path(cache_dir) / f"{index:06d}.png"
+        if cached.is_file():
+            mask = cv2.imread(str(cached), cv2.IMREAD_UNCHANGED)
+            if mask is not None:
+                return mask
+        mask = compute(index)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.tmp.png")  # data-loader workers write too
+        cv2.imwrite(str(tmp), mask)
+        os.replace(tmp, cached)
+        return mask
+
+    return source
+
+
+def confident_mask_source(dataset: SegmentationDataset, prob_dir: Path, band: List[float],
+                          refine: Sequence = (), cache_dir: Optional[Path] = None,
+                          threshold: float = 0.5) -> Callable[[int], np.ndarray]:
+    """Self-training labels from saved U-Net probabilities: thresholded at `threshold` after the `refine`
+    steps (wsseg.refine; GrabCut sees the probability as its source map), pixels whose probability lies
+    inside `band` ignored."""
+    def compute(index: int) -> np.ndarray:
+        height, width = dataset.image_size(index)
+        if _is_negative(dataset, index):
+            return np.zeros((height, width), np.uint8)
+        saved = np.load(Path(prob_dir) / f"{dataset.records[index].stem}.npy").astype(np.float32)
+        prob = cv2.resize(saved, (width, height), interpolation=cv2.INTER_LINEAR)
+        mask = refined_mask(prob, dataset, index, refine, threshold).astype(np.uint8)
+        mask[(prob > band[0]) & (prob < band[1])] = IGNORE
+        return mask
+
+    return cached_masks(compute, cache_dir)
+
+
+def refined_mask(prob: np.ndarray, dataset: SegmentationDataset, index: int, refine: Sequence = (),
+                 threshold: float = 0.5) -> np.ndarray:
+    """A U-Net probability (at the image's size) through `refine` steps and `threshold`: a boolean mask."""
+    if not refine:
+        return prob >= threshold
+    image = dataset.load_image(index) if needs_image(refine) else None
+    return threshold_and_clean(refine_map(prob, image, refine), refine, threshold, "fixed", image, prob) > 0
+
+
+__all__ = ["IGNORE", "cached_masks", "confident_mask_source", "pseudo_mask_source", "refined_mask"]
