@@ -12,6 +12,7 @@ from conftest import tiny_demo_overrides
 from wsseg.cli.main import main
 from wsseg.config import list_recipes
 from wsseg.data.io import read_binary_mask
+from wsseg.deploy.onnx_export import read_metadata
 from wsseg.metrics import confusion, scores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +102,15 @@ def test_demo_end_to_end_through_cli(tmp_path, capsys):
         printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
         assert f"masks vs fp32 on {n_images} calibration images" in printed
     assert (tmp_path / "again.int8.onnx").is_file()
+    # A plain, faster model from the same weights: its own size, no flips, its own threshold.
+    plain = tmp_path / "plain.onnx"
+    assert main(["export", str(out), "--out", str(plain), "--size", "96", "--flips", "none", "--threshold", "0.3"]) == 0
+    meta = read_metadata(plain)
+    assert (meta["input_size"], meta["flips_averaged"], float(meta["threshold"])) == ("96", "none", 0.3)
+    assert meta["trained_size"] == read_metadata(tmp_path / "again.onnx")["trained_size"]
+    capsys.readouterr()
+    assert main(["export", str(out), "--out", str(plain), "--flips", "rotate"]) == 2
+    assert "export flips: unknown rotate (valid: hflip, vflip)" in capsys.readouterr().err
     # A second run into the same folder must not overwrite silently.
     assert main(["recipe", "run", "demo", "--out", str(out), *tiny_demo_overrides()]) == 2
     assert "already exists" in capsys.readouterr().err

@@ -299,6 +299,26 @@ def test_a_calibrated_mask_threshold_reaches_checkpoint_and_export_and_retrains_
     assert threshold == 0.95 or any((high_masks[k] < calibrated_masks[k]).any() for k in high_masks)
 
 
+def test_masks_can_predict_otherwise_than_the_self_training_labels(tmp_path):
+    out = tmp_path / "run"
+    overrides = tiny_demo_overrides(("gradcam",)) + [
+        "segment.masks=gradcam", "export.int8=false", "pseudo_masks.variants=[]", "segment.self_training_rounds=1",
+        "segment.self_training_refine=[{name: largest_component}]", "segment.predict.size=96",
+        "segment.predict.hflip=true"]
+    assert main(["recipe", "run", "demo", "--out", str(out), *overrides]) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    # The labels keep predicting at 96 px with a flip; the masks and the export now predict plainly at 64 px.
+    assert main(["recipe", "run", "--resume", str(out), "segment.self_training_predict={size: 96, hflip: true}",
+                 "segment.predict.size=64", "segment.predict.hflip=false"]) == 0
+    second = json.loads((out / "metrics.json").read_text())
+    assert {"unet_round0", "unet_round0_probabilities", "unet"} <= set(second["resumed_skipped_stages"])
+    assert len(list((out / "train_masks").glob("unet_round0-*"))) == 1  # the same labels
+    assert second["unet_round0_refined"] == first["unet_round0_refined"]  # made on val as before, too
+    meta = load_segmenter(out / "checkpoints" / "unet.pth")[1]
+    assert (meta.input_size, meta.flips) == (64, []) and read_metadata(out / "model.onnx")["input_size"] == "64"
+    assert second["unet"] != first["unet"] or second["unet_round0"] != first["unet_round0"]
+
+
 def test_fitted_maps_learn_from_maps_fit_dataset_and_refit_when_it_changes(tmp_path, monkeypatch):
     import wsseg.runner
 

@@ -194,6 +194,14 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
         if predict.threshold_mode == "calibrated" and predict.threshold is not None:
             problems.append(f"segment.predict.threshold: {predict.threshold} set, but threshold_mode 'calibrated' "
                             f"chooses it (set threshold_mode=fixed, or threshold=null)")
+        label_predict = config.segment.self_training_predict
+        if label_predict is not None:
+            if label_predict.size is not None and (label_predict.size < 32 or label_predict.size % 32):
+                problems.append(f"segment.self_training_predict.size: the U-Net downsamples 5 times, so it must be a "
+                                f"multiple of 32 (or null: segment.image_size), got {label_predict.size}")
+            if label_predict.threshold is not None or label_predict.threshold_mode != "fixed":
+                problems.append("segment.self_training_predict: the labels' threshold is segment.threshold; set no "
+                                "threshold or threshold_mode here")
         if config.segment.image_size % 32:
             problems.append(f"segment.image_size: the U-Net downsamples 5 times, so it must be a multiple of 32, "
                             f"got {config.segment.image_size}")

@@ -151,6 +151,9 @@ class SegmentConfig:
     num_workers: int = 0
     amp: bool = True
     predict: PredictConfig = field(default_factory=PredictConfig)
+    # How a round's U-Net predicts the probabilities its next round's labels come from (the train images, and
+    # the same labels made on the evaluation images); None: as `predict`. Its threshold is `threshold`.
+    self_training_predict: Optional[PredictConfig] = None
 
 
 @dataclass

@@ -438,8 +438,12 @@ class RecipeRun:
         from wsseg.stages.segment import load_segmenter, train_segmenter, write_masks, write_probabilities
         from wsseg.stages.unet_labels import confident_mask_source, pseudo_mask_source
 
-        # How U-Nets make probabilities shapes the next round's labels; the threshold of their masks does not.
-        probabilities_predict = replace(self.config.segment.predict, threshold=None, threshold_mode="fixed")
+        from wsseg.models.segmenter import with_prediction
+
+        # How U-Nets make the probabilities of the next round's labels shapes those labels; how they make their
+        # masks otherwise (`predict`, unless `self_training_predict` differs), and at which threshold, does not.
+        probabilities_predict = replace(self.config.segment.self_training_predict or self.config.segment.predict,
+                                        threshold=None, threshold_mode="fixed")
 
         seg = self.config.segment
         parts = [self.dataset(d, f"segment.train.{i}") for i, d in enumerate(seg.train)]
@@ -470,7 +474,8 @@ class RecipeRun:
             # Round 0 learns from the pseudo-masks: how later rounds make their labels (the threshold, and how
             # U-Nets predict, `predict`, which shapes those labels) is not its input.
             defaults = SegmentConfig()
-            own = replace(self.config.segment, self_training_rounds=0, predict=probabilities_predict)
+            own = replace(self.config.segment, self_training_rounds=0, predict=probabilities_predict,
+                          self_training_predict=None)
             if not round_index:
                 own = replace(own, self_training_refine=[], confident_band=defaults.confident_band,
                               self_training_init=defaults.self_training_init, threshold=defaults.threshold,
@@ -501,17 +506,23 @@ class RecipeRun:
                 previous_checkpoint = Path(result["checkpoint"])
                 model, meta = load_segmenter(previous_checkpoint)
                 meta = self.predicting_as_configured(name, previous_checkpoint, model, meta)
+                label_meta = with_prediction(replace(meta, threshold=seg.threshold), probabilities_predict)
                 out[name] = self.out_dir / "masks" / name
-                mask_sets = {out[name]: ((), meta.threshold)}
+                passes = [(meta, {out[name]: ((), meta.threshold)})]  # one prediction pass per way of predicting
                 if round_index < rounds and seg.self_training_refine:  # the next round's labels, on val too
                     out[f"{name}_refined"] = self.out_dir / "masks" / f"{name}_refined"
-                    mask_sets[out[f"{name}_refined"]] = (seg.self_training_refine, seg.threshold)
-                write_masks(model, meta, eval_set, mask_sets, self.device, seg.batch_size, self.progress,
-                            indices=dist.shard(range(len(eval_set))))
+                    labels = {out[f"{name}_refined"]: (seg.self_training_refine, seg.threshold)}
+                    if (label_meta.input_size, label_meta.flips) == (meta.input_size, meta.flips):
+                        passes[0][1].update(labels)
+                    else:
+                        passes.append((label_meta, labels))
+                for pass_meta, mask_sets in passes:
+                    write_masks(model, pass_meta, eval_set, mask_sets, self.device, seg.batch_size, self.progress,
+                                indices=dist.shard(range(len(eval_set))))
                 if round_index < rounds:  # the next round learns from this model's confident pixels
                     predict_part = [probabilities_predict] if probabilities_predict != SegmentConfig().predict else []
 
-                    def probabilities(model=model, meta=meta, name=name):
+                    def probabilities(model=model, meta=label_meta, name=name):
                         prob_dir = self.out_dir / "maps_train" / name
                         write_probabilities(model, meta, train_set, prob_dir, self.device, seg.batch_size,
                                             self.progress, indices=dist.shard(range(len(train_set))))

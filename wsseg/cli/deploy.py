@@ -18,6 +18,12 @@ def add_parser(subparsers) -> None:
     export.add_argument("run_dir", type=Path, help="a finished run directory (holds checkpoints/unet.pth)")
     export.add_argument("--out", type=Path, help="ONNX file for the U-Net (default RUN_DIR/model.onnx)")
     export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--size", type=int, help="input size of the exported model (default: the size the run's "
+                        "U-Net predicts at, segment.predict.size)")
+    export.add_argument("--flips", nargs="*", metavar="FLIP", help="flips averaged inside the graph: hflip, vflip, "
+                        "or none for a plain, faster model (default: the run's segment.predict flips)")
+    export.add_argument("--threshold", type=float, help="mask threshold stored in the model (default: the run's "
+                        "U-Net's, calibrated or fixed)")
     export.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static, calibrated)")
     export.add_argument("--data-root", type=Path, help="data root for the INT8 calibration images")
     export.add_argument("--calibration-images", type=_positive_int, metavar="N",
@@ -129,11 +135,15 @@ def cmd_bench_map_quality(args) -> int:
 
 def cmd_export(args) -> int:
     from wsseg.cli.ui import console
-    from wsseg.deploy.onnx_export import export_segmenter
+    from wsseg.deploy.onnx_export import export_segmenter, read_metadata
 
     out = args.out or args.run_dir / "model.onnx"
-    report = export_segmenter(args.run_dir / "checkpoints" / "unet.pth", out, args.opset)
-    console.print(f"[green]exported[/green] {report.path} (opset {report.opset}); parity at "
+    flips = [] if args.flips in (["none"], []) else args.flips
+    report = export_segmenter(args.run_dir / "checkpoints" / "unet.pth", out, args.opset, args.size, flips,
+                              args.threshold)
+    meta = read_metadata(report.path)
+    console.print(f"[green]exported[/green] {report.path} (opset {report.opset}; input {meta['input_size']} px, "
+                  f"flips {meta['flips_averaged']}, threshold {meta['threshold']}); parity at "
                   f"{report.parity_shape}: max |onnx - torch| = {report.max_abs_diff:.2e}")
     if args.int8:
         from wsseg.deploy.quantize import describe_kept_float, quantize_from_run

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import onnx
 import torch
 
 from wsseg import __version__
+from wsseg.errors import ConfigError
 from wsseg.models.segmenter import ProbabilityHead, probability_model  # noqa: F401 (ProbabilityHead: public here too)
 
 log = logging.getLogger("wsseg")
@@ -82,11 +83,24 @@ def _metadata(kind: str, image_size: int, mean, std, threshold: float, classes, 
     return data
 
 
-def export_segmenter(checkpoint: Path, out_path: Path, opset: int = 17) -> ExportReport:
-    """Export a trained U-Net checkpoint (`checkpoints/unet.pth`) to ONNX."""
-    from wsseg.models.segmenter import load_segmenter
+def export_segmenter(checkpoint: Path, out_path: Path, opset: int = 17, size: Optional[int] = None,
+                     flips: Optional[Sequence[str]] = None, threshold: Optional[float] = None) -> ExportReport:
+    """Export a trained U-Net checkpoint (`checkpoints/unet.pth`) to ONNX, predicting as the checkpoint does
+    unless told otherwise: input `size`, `flips` averaged inside the graph ([] for none), mask `threshold`
+    (e.g. a plain, faster model from a run that predicts at a larger size over flips)."""
+    from wsseg.models.segmenter import FLIP_DIMS, load_segmenter
 
     model, meta = load_segmenter(checkpoint)
+    unknown = sorted(set(flips or ()) - set(FLIP_DIMS))
+    if unknown:
+        raise ConfigError(f"export flips: unknown {', '.join(unknown)} (valid: {', '.join(FLIP_DIMS)})")
+    if size is not None and (size < 32 or size % 32):
+        raise ConfigError(f"export size: the U-Net downsamples 5 times, so it must be a multiple of 32, got {size}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"export threshold: must lie in [0, 1], got {threshold}")
+    meta = replace(meta, predict_size=meta.predict_size if size is None else size,
+                   flips=meta.flips if flips is None else [name for name in FLIP_DIMS if name in flips],
+                   threshold=meta.threshold if threshold is None else threshold)
     return export_segmenter_model(model, meta, out_path, opset)
 
 

@@ -160,7 +160,7 @@ def quantize_from_run(run_dir: Path, n_images: Optional[int] = None, data_root=N
         n_images = (config.export or ExportConfig()).calibration_images
     batches = calibration_batches(config, model_path, n_images, data_root)
     out = quantize_int8(model_path, model_path.with_name(model_path.stem + ".int8.onnx"), batches, keep_float)
-    agreement = mask_agreement(model_path, out, batches)
+    agreement = mask_agreement(model_path, out, batches, float(read_metadata(model_path)["threshold"]))
     log.info("INT8 model written to %s (kept in fp32: %s); masks vs fp32 on %d calibration images: Dice %.4f",
              out, describe_kept_float(out), len(batches), agreement["mask_dice_vs_fp32"])
     meta = read_metadata(out)
