@@ -176,10 +176,11 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             if config.segment.encoder not in (None, expected):
                 problems.append(f"segment.encoder_weights: 'classifier' needs the classifier's backbone as encoder "
                                 f"({expected} or unset), got segment.encoder={config.segment.encoder}")
-        size = config.segment.predict.size
-        if size is not None and (size < 32 or size % 32):
-            problems.append(f"segment.predict.size: the U-Net downsamples 5 times, so it must be a multiple of 32 "
-                            f"(or null: segment.image_size), got {size}")
+        label_predict = config.segment.self_training_predict
+        for key, way in (("segment.predict", config.segment.predict), ("segment.self_training_predict", label_predict)):
+            if way is not None and way.size is not None and (way.size < 32 or way.size % 32):
+                problems.append(f"{key}.size: the U-Net downsamples 5 times, so it must be a multiple of 32 "
+                                f"(or null: segment.image_size), got {way.size}")
         predict = config.segment.predict
         if predict.threshold is not None and not 0.0 <= predict.threshold <= 1.0:
             problems.append(f"segment.predict.threshold: must lie in [0, 1] (or null: segment.threshold), "
@@ -194,14 +195,9 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
         if predict.threshold_mode == "calibrated" and predict.threshold is not None:
             problems.append(f"segment.predict.threshold: {predict.threshold} set, but threshold_mode 'calibrated' "
                             f"chooses it (set threshold_mode=fixed, or threshold=null)")
-        label_predict = config.segment.self_training_predict
-        if label_predict is not None:
-            if label_predict.size is not None and (label_predict.size < 32 or label_predict.size % 32):
-                problems.append(f"segment.self_training_predict.size: the U-Net downsamples 5 times, so it must be a "
-                                f"multiple of 32 (or null: segment.image_size), got {label_predict.size}")
-            if label_predict.threshold is not None or label_predict.threshold_mode != "fixed":
-                problems.append("segment.self_training_predict: the labels' threshold is segment.threshold; set no "
-                                "threshold or threshold_mode here")
+        if label_predict is not None and (label_predict.threshold, label_predict.threshold_mode) != (None, "fixed"):
+            problems.append("segment.self_training_predict: the labels' threshold is segment.threshold; set no "
+                            "threshold or threshold_mode here")
         if config.segment.image_size % 32:
             problems.append(f"segment.image_size: the U-Net downsamples 5 times, so it must be a multiple of 32, "
                             f"got {config.segment.image_size}")

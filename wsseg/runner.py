@@ -435,10 +435,9 @@ class RecipeRun:
     def segment(self, producers: Dict[str, MapProducer], eval_set: SegmentationDataset) -> Dict[str, Path]:
         """Train the U-Net on pseudo-masks (or real masks), then optional self-training rounds.
         Returns {"unet": mask folder} plus one entry per earlier round."""
+        from wsseg.models.segmenter import with_prediction
         from wsseg.stages.segment import load_segmenter, train_segmenter, write_masks, write_probabilities
         from wsseg.stages.unet_labels import confident_mask_source, pseudo_mask_source
-
-        from wsseg.models.segmenter import with_prediction
 
         # How U-Nets make the probabilities of the next round's labels shapes those labels; how they make their
         # masks otherwise (`predict`, unless `self_training_predict` differs), and at which threshold, does not.
