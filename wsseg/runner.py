@@ -423,14 +423,23 @@ class RecipeRun:
 
     def calibrate(self, name: str, rule: MaskRule, producers: Dict[str, MapProducer]) -> float:
         calib = self.config.pseudo_masks.calibrate
-        dataset = self.dataset(calib.dataset, "pseudo_masks.calibrate.dataset").subset(calib.n_images)
+        dataset = self.calibration_images()
         map_dirs = {m: self.maps_for(m, producers[m], dataset, "maps_calibrate", (calib.dataset, calib.n_images))
                     for m in rule.maps_needed}
         threshold, curve = calibrate_threshold(rule, dataset, map_dirs, calib.grid)
-        self.metrics.setdefault("calibration", {})[name] = {"threshold": threshold, "n_images": len(dataset),
-                                                             "dice_by_threshold": curve}
-        log.info("%s: calibrated threshold %.2f on %d labelled images", name, threshold, len(dataset))
+        self.record_calibration(name, threshold, len(dataset), curve)
         return threshold
+
+    def calibration_images(self) -> SegmentationDataset:
+        """The few labelled images thresholds are calibrated on (`pseudo_masks.calibrate`), never the evaluation
+        images."""
+        calib = self.config.pseudo_masks.calibrate
+        return self.dataset(calib.dataset, "pseudo_masks.calibrate.dataset").subset(calib.n_images)
+
+    def record_calibration(self, name: str, threshold: float, n_images: int, curve: Dict[float, float]) -> None:
+        self.metrics.setdefault("calibration", {})[name] = {"threshold": threshold, "n_images": n_images,
+                                                             "dice_by_threshold": curve}
+        log.info("%s: calibrated threshold %.2f on %d labelled images", name, threshold, n_images)
 
     def segment(self, producers: Dict[str, MapProducer], eval_set: SegmentationDataset) -> Dict[str, Path]:
         """Train the U-Net on pseudo-masks (or real masks), then optional self-training rounds.
@@ -549,16 +558,14 @@ class RecipeRun:
         seg = self.config.segment
         wanted = with_prediction(replace(meta, threshold=seg.threshold), seg.predict)
         if seg.predict.threshold_mode == "calibrated":
-            calib = self.config.pseudo_masks.calibrate
-            dataset = self.dataset(calib.dataset, "pseudo_masks.calibrate.dataset").subset(calib.n_images)
+            dataset = self.calibration_images()
             with self.timer("unet_threshold"):
-                threshold, curve = calibrate_unet_threshold(model, wanted, dataset, calib.grid, self.device,
+                threshold, curve = calibrate_unet_threshold(model, wanted, dataset,
+                                                            self.config.pseudo_masks.calibrate.grid, self.device,
                                                             seg.batch_size)
             threshold = dist.broadcast_object(threshold)  # every rank thresholds its shard as rank 0 does
             wanted = replace(wanted, threshold=threshold)
-            self.metrics.setdefault("calibration", {})[name] = {"threshold": threshold, "n_images": len(dataset),
-                                                                "dice_by_threshold": curve}
-            log.info("%s: calibrated mask threshold %.2f on %d labelled images", name, threshold, len(dataset))
+            self.record_calibration(name, threshold, len(dataset), curve)
         if wanted != meta and dist.is_main():
             rewrite_meta(checkpoint, wanted)
             log.info("%s: now predicts at %d px, flips %s, threshold %.2f (segment.predict)", checkpoint.name,

@@ -94,8 +94,9 @@ def export_segmenter(checkpoint: Path, out_path: Path, opset: int = 17, size: Op
     unknown = sorted(set(flips or ()) - set(FLIP_DIMS))
     if unknown:
         raise ConfigError(f"export flips: unknown {', '.join(unknown)} (valid: {', '.join(FLIP_DIMS)})")
-    if size is not None and (size < 32 or size % 32):
-        raise ConfigError(f"export size: the U-Net downsamples 5 times, so it must be a multiple of 32, got {size}")
+    if size is not None and (size < SIZE_MULTIPLE or size % SIZE_MULTIPLE):
+        raise ConfigError(f"export size: the U-Net downsamples 5 times, so it must be a multiple of {SIZE_MULTIPLE}, "
+                          f"got {size}")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"export threshold: must lie in [0, 1], got {threshold}")
     meta = replace(meta, predict_size=meta.predict_size if size is None else size,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -93,12 +93,16 @@ def calibrate_threshold(rule: MaskRule, dataset: SegmentationDataset, map_dirs: 
     refined = [rule.refined(dataset, i, map_dirs) for i in range(len(dataset))]
     truths = [dataset.load_mask(i) for i in range(len(dataset))]
     fixed = MaskRule(rule.source, rule.threshold, "fixed", rule.steps)
-    curve = {}
-    for t in grid:
-        dices = [scores(confusion(fixed.mask(a, t), m))["dice"] for a, m in zip(refined, truths)]
-        curve[float(t)] = float(np.mean(dices))
-    best = max(curve, key=curve.get)
-    return best, curve
+    return best_grid_threshold(grid, truths, lambda t: [fixed.mask(a, t) for a in refined])
+
+
+def best_grid_threshold(grid: Sequence[float], truths: Sequence[np.ndarray],
+                        masks_at: Callable[[float], Sequence[np.ndarray]]) -> Tuple[float, Dict[float, float]]:
+    """The `grid` value whose masks (`masks_at(t)`, one per truth) have the best mean Dice against `truths`
+    (ties go to the first), and the mean Dice of every grid value."""
+    curve = {float(t): float(np.mean([scores(confusion(mask, truth))["dice"]
+                                      for mask, truth in zip(masks_at(t), truths)])) for t in grid}
+    return max(curve, key=curve.get), curve
 
 
 def make_reference_masks(name: str, dataset: SegmentationDataset, out_dir: Path,

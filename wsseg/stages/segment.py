@@ -24,6 +24,7 @@ from wsseg.models.segmenter import (SegmenterMeta, build_unet, encoder_normalisa
 from wsseg.progress import ProgressFn, no_progress
 from wsseg import distributed as dist
 from wsseg.stages.common import cosine_lambda, eval_loader, param_groups, write_json
+from wsseg.stages.pseudo_masks import best_grid_threshold
 from wsseg.stages.unet_labels import IGNORE, refined_mask
 from wsseg.training import fit, state_file, training_loader
 
@@ -157,13 +158,9 @@ def calibrate_unet_threshold(model: torch.nn.Module, meta: SegmenterMeta, datase
                              batch_size: int = 8) -> Tuple[float, Dict[float, float]]:
     """The `grid` threshold whose masks have the best mean Dice on `dataset` (a few labelled images, never
     the evaluation images), the U-Net predicting as `meta` says; and the Dice of each grid value."""
-    from wsseg.metrics import confusion, scores
-
     probs = list(_image_probabilities(model, meta, dataset, device, batch_size, no_progress, None))
     truths = [dataset.load_mask(index) for index, _ in probs]
-    curve = {float(t): float(np.mean([scores(confusion(prob >= t, truth))["dice"]
-                                      for (_, prob), truth in zip(probs, truths)])) for t in grid}
-    return max(curve, key=curve.get), curve
+    return best_grid_threshold(grid, truths, lambda t: [prob >= t for _, prob in probs])
 
 
 def write_probabilities(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset, out_dir: Path,
