@@ -111,6 +111,9 @@ def test_demo_end_to_end_through_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(out), "--out", str(plain), "--flips", "rotate"]) == 2
     assert "export flips: unknown rotate (valid: hflip, vflip)" in capsys.readouterr().err
+    assert main(["export", str(out), "--out", str(plain), "--size", "100"]) == 2
+    assert "export size: the U-Net downsamples 5 times, so it must be a multiple of 32, got 100" in \
+        " ".join(capsys.readouterr().err.split())
     # A second run into the same folder must not overwrite silently.
     assert main(["recipe", "run", "demo", "--out", str(out), *tiny_demo_overrides()]) == 2
     assert "already exists" in capsys.readouterr().err

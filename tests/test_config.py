@@ -35,6 +35,8 @@ def test_semantic_names_checked():
         parse_recipe({"classifier": {"schedule": "sometimes"}})
     with pytest.raises(ConfigError, match=r"segment.image_size: .* multiple of 32, got 250"):
         parse_recipe({"segment": {"image_size": 250, "train": [{"name": "synthetic"}]}})
+    with pytest.raises(ConfigError, match=r"segment.image_size: .* multiple of 32, got 0"):
+        parse_recipe({"segment": {"image_size": 0, "train": [{"name": "synthetic"}]}})
 
 
 def test_map_method_options_checked_against_the_method():

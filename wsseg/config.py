@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import yaml
 
 from wsseg.config_schema import (CLASSIFIER_SCHEDULES, CLASSIFIER_WEIGHTS, PREDICT_THRESHOLD_MODES, SELF_TRAINING_INITS,
-                                 RecipeConfig)
+                                 RecipeConfig, unet_size_problems)
 from wsseg.errors import ConfigError, UnknownNameError
 
 _MISSING = object()
@@ -178,9 +178,8 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
                                 f"({expected} or unset), got segment.encoder={config.segment.encoder}")
         label_predict = config.segment.self_training_predict
         for key, way in (("segment.predict", config.segment.predict), ("segment.self_training_predict", label_predict)):
-            if way is not None and way.size is not None and (way.size < 32 or way.size % 32):
-                problems.append(f"{key}.size: the U-Net downsamples 5 times, so it must be a multiple of 32 "
-                                f"(or null: segment.image_size), got {way.size}")
+            if way is not None and way.size is not None:
+                problems.extend(unet_size_problems(f"{key}.size", way.size, unset="segment.image_size"))
         predict = config.segment.predict
         if predict.threshold is not None and not 0.0 <= predict.threshold <= 1.0:
             problems.append(f"segment.predict.threshold: must lie in [0, 1] (or null: segment.threshold), "
@@ -198,9 +197,7 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
         if label_predict is not None and (label_predict.threshold, label_predict.threshold_mode) != (None, "fixed"):
             problems.append("segment.self_training_predict: the labels' threshold is segment.threshold; set no "
                             "threshold or threshold_mode here")
-        if config.segment.image_size % 32:
-            problems.append(f"segment.image_size: the U-Net downsamples 5 times, so it must be a multiple of 32, "
-                            f"got {config.segment.image_size}")
+        problems.extend(unet_size_problems("segment.image_size", config.segment.image_size))
     if config.export is not None and config.export.enabled and config.segment is None:
         problems.append("export: needs a segment section (the model that is exported)")
     if config.export is not None and config.export.calibration_images < 1:

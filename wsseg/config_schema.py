@@ -28,6 +28,17 @@ class DatasetConfig:
 CLASSIFIER_SCHEDULES = ("alternate", "concat")
 SELF_TRAINING_INITS = ("fresh", "previous")  # segment.self_training_init
 PREDICT_THRESHOLD_MODES = ("fixed", "calibrated")  # segment.predict.threshold_mode
+UNET_SIZE_MULTIPLE = 32  # U-Net encoders downsample 5 times
+
+
+def unet_size_problems(key: str, size: int, unset: str = "") -> List[str]:
+    """What is wrong with `size` as a U-Net input size (`key` names where it came from, `unset` what leaving
+    it out means): nothing when it is a positive multiple of UNET_SIZE_MULTIPLE."""
+    if size >= UNET_SIZE_MULTIPLE and size % UNET_SIZE_MULTIPLE == 0:
+        return []
+    unset = f" (or null: {unset})" if unset else ""
+    return [f"{key}: the U-Net downsamples 5 times, so it must be a multiple of {UNET_SIZE_MULTIPLE}{unset}, "
+            f"got {size}"]
 CLASSIFIER_WEIGHTS = "classifier"  # segment.encoder_weights: start the U-Net's encoder from the trained classifier
 
 

@@ -17,11 +17,11 @@ import onnx
 import torch
 
 from wsseg import __version__
+from wsseg.config_schema import UNET_SIZE_MULTIPLE, unet_size_problems
 from wsseg.errors import ConfigError
 from wsseg.models.segmenter import ProbabilityHead, probability_model  # noqa: F401 (ProbabilityHead: public here too)
 
 log = logging.getLogger("wsseg")
-SIZE_MULTIPLE = 32  # U-Net encoders downsample 5 times
 
 
 @dataclass
@@ -55,7 +55,7 @@ def _export(module: torch.nn.Module, path: Path, image_size: int, opset: int, me
     onnx.save(model, str(tmp))
     tmp.replace(path)
     # Parity on a batch and size other than the traced ones proves the dynamic axes work.
-    shape = (2, 3, image_size + 2 * SIZE_MULTIPLE, image_size + SIZE_MULTIPLE)
+    shape = (2, 3, image_size + 2 * UNET_SIZE_MULTIPLE, image_size + UNET_SIZE_MULTIPLE)
     diff = parity(module, path, shape)
     if not diff <= tolerance:
         raise RuntimeError(f"ONNX parity check failed for {path}: max |onnx - torch| = {diff:.2e} > {tolerance}")
@@ -76,7 +76,7 @@ def parity(module: torch.nn.Module, path: Path, shape: tuple, seed: int = 0) -> 
 
 def _metadata(kind: str, image_size: int, mean, std, threshold: float, classes, extra: Optional[Dict] = None):
     data = {"wsseg_kind": kind, "wsseg_version": __version__, "input_size": str(image_size),
-            "size_multiple": str(SIZE_MULTIPLE), "mean": json.dumps([float(m) for m in mean]),
+            "size_multiple": str(UNET_SIZE_MULTIPLE), "mean": json.dumps([float(m) for m in mean]),
             "std": json.dumps([float(s) for s in std]), "threshold": str(threshold),
             "class_names": json.dumps(list(classes)), "input_layout": "NCHW float32 RGB, (x/255 - mean) / std"}
     data.update(extra or {})
@@ -94,9 +94,9 @@ def export_segmenter(checkpoint: Path, out_path: Path, opset: int = 17, size: Op
     unknown = sorted(set(flips or ()) - set(FLIP_DIMS))
     if unknown:
         raise ConfigError(f"export flips: unknown {', '.join(unknown)} (valid: {', '.join(FLIP_DIMS)})")
-    if size is not None and (size < SIZE_MULTIPLE or size % SIZE_MULTIPLE):
-        raise ConfigError(f"export size: the U-Net downsamples 5 times, so it must be a multiple of {SIZE_MULTIPLE}, "
-                          f"got {size}")
+    problems = unet_size_problems("export size", size) if size is not None else []
+    if problems:
+        raise ConfigError(problems[0])
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"export threshold: must lie in [0, 1], got {threshold}")
     meta = replace(meta, predict_size=meta.predict_size if size is None else size,
@@ -110,7 +110,7 @@ def export_segmenter_model(model: torch.nn.Module, meta, out_path: Path, opset: 
     predicts as the meta says: its flips are averaged inside it, its `input_size` is the runtime's."""
     from wsseg.deploy.static_padding import with_static_same_padding
 
-    # Inputs are multiples of SIZE_MULTIPLE (the runtime enforces it), so TF-style 'same' padding is constant.
+    # Inputs are multiples of UNET_SIZE_MULTIPLE (the runtime enforces it), so TF-style 'same' padding is constant.
     model, n_static = with_static_same_padding(model)
     metadata = _metadata("segmenter", meta.input_size, meta.mean, meta.std, meta.threshold, meta.classes,
                          {"encoder": meta.encoder, "trained_on": meta.trained_on, "trained_size": str(meta.image_size),
