@@ -28,6 +28,7 @@ class DatasetConfig:
 CLASSIFIER_SCHEDULES = ("alternate", "concat")
 SELF_TRAINING_INITS = ("fresh", "previous")  # segment.self_training_init
 PREDICT_THRESHOLD_MODES = ("fixed", "calibrated")  # segment.predict.threshold_mode
+CLASSIFIER_WEIGHTS = "classifier"  # segment.encoder_weights: start the U-Net's encoder from the trained classifier
 UNET_SIZE_MULTIPLE = 32  # U-Net encoders downsample 5 times
 
 
@@ -39,7 +40,6 @@ def unet_size_problems(key: str, size: int, unset: str = "") -> List[str]:
     unset = f" (or null: {unset})" if unset else ""
     return [f"{key}: the U-Net downsamples 5 times, so it must be a multiple of {UNET_SIZE_MULTIPLE}{unset}, "
             f"got {size}"]
-CLASSIFIER_WEIGHTS = "classifier"  # segment.encoder_weights: start the U-Net's encoder from the trained classifier
 
 
 @dataclass
