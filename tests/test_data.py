@@ -178,3 +178,41 @@ def test_real_cp_child_counts():
                         SHARED_DATA)
     assert len(ds) == 1100 and ds.labels.sum() == 300
     assert ds.load_image(0).shape == (256, 256, 3)
+
+
+def test_a_class_and_holding_an_object_are_two_facts(pets_root, class_folders_root):
+    """Cats are not object-free: only datasets that say so (non-polyp frames) give empty masks by label."""
+    pets = create_dataset(DatasetConfig("oxford_pets", str(pets_root), "trainval"))
+    assert pets.object_free == frozenset() and all(pets.holds_object(i) for i in range(len(pets)))
+    assert {pets.classes[r.label] for r in pets.records} == {"cat", "dog"}
+    polyps = create_dataset(DatasetConfig("class_folders", str(class_folders_root), "Train",
+                                          options={"positive": "Polyp"}))
+    assert [polyps.holds_object(i) for i in range(len(polyps))] == [r.label == 1 for r in polyps.records]
+    synthetic = create_dataset(DatasetConfig("synthetic", None, "train", options={"n": 10, "size": 32}))
+    assert synthetic.object_free == {0}
+
+
+@needs_shared("oxford-iiit-pet")
+def test_real_pets_subset_counts_and_trimaps():
+    root = SHARED_DATA / "oxford-iiit-pet"
+    trainval = create_dataset(DatasetConfig("oxford_pets", str(root), "trainval"))
+    test = create_dataset(DatasetConfig("oxford_pets", str(root), "test"))
+    assert (len(trainval), len(test)) == (575, 560)
+    assert int((test.labels == 0).sum()) == 242 and int((test.labels == 1).sum()) == 318
+    alpha = next(i for i, r in enumerate(trainval.records + test.records) if r.stem == "Abyssinian_5")
+    dataset = trainval if alpha < len(trainval) else test
+    index = alpha if alpha < len(trainval) else alpha - len(trainval)
+    image, mask = dataset.load_image(index), dataset.load_mask(index)
+    assert image.shape[2] == 3 and mask.shape == image.shape[:2] and 0.05 < mask.mean() < 0.95
+
+
+def test_pets_border_can_be_left_out_of_the_score(pets_root):
+    from wsseg.metrics import confusion, scores
+
+    ignoring = create_dataset(DatasetConfig("oxford_pets", str(pets_root), "test", options={"border": "ignore"}))
+    counting = create_dataset(DatasetConfig("oxford_pets", str(pets_root), "test"))
+    pet, band = ignoring.load_mask(0), ignoring.load_ignore(0)
+    assert counting.load_ignore(0) is None and band.sum() == (counting.load_mask(0) & ~pet).sum() > 0
+    prediction = counting.load_mask(0)  # a mask that takes the whole border band as pet
+    assert scores(confusion(prediction, pet, band))["dice"] == 1.0
+    assert scores(confusion(prediction, pet))["dice"] < 1.0

@@ -232,3 +232,29 @@ def test_grabcut_in_a_variant_gets_the_image_and_source_map(tmp_path):
     with pytest.raises(ConfigError, match=r"refine.0.options.radius: unknown option for 'grabcut'"):
         parse_recipe({"maps": {"methods": ["gradcam"]}, "pseudo_masks": {"variants": [
             {"name": "v", "source": "gradcam", "refine": [{"name": "grabcut", "options": {"radius": 2}}]}]}})
+
+
+@pytest.mark.parametrize("name", MAP_STEPS.names() + MASK_STEPS.names())
+def test_every_step_takes_a_small_read_only_decoded_image(name, tmp_path):
+    """Images no larger than a step's working size reach it as decoded, read-only arrays (as PIL gives them)."""
+    from wsseg.data.io import read_image
+
+    function = MAP_STEPS.get(name) if name in MAP_STEPS else MASK_STEPS.get(name)
+    if getattr(function, "requires", None) is not None and not function.requires[2]():
+        pytest.skip(f"{name} needs the optional {function.requires[0]} package")
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 60, (150, 200, 3), np.uint8)
+    pixels[40:110, 60:150] = 220  # a bright pet on a dark background, smaller than dense_crf's max_side
+    path = tmp_path / "small.png"
+    cv2.imwrite(str(path), pixels)
+    image = read_image(path)
+    image.flags.writeable = False
+    activation = np.zeros((150, 200), np.float32)
+    activation[50:100, 70:140] = 1.0
+    activation.flags.writeable = False
+    if name in MAP_STEPS:
+        out = function(activation, image, other=activation)
+        assert out.shape == activation.shape and np.isfinite(out).all()
+    else:
+        out = function(activation >= 0.5, image=image, source_map=activation)
+        assert out.shape == activation.shape

@@ -88,3 +88,47 @@ def test_fit_map_method_fits_only_methods_that_learn_on_a_fixed_sample():
         seen.append(method.fitted)
     assert [n for n, _ in seen[0]] == [4, 3]  # at most max_images
     assert seen[0] == seen[1]  # the same images every time (every rank fits the same model)
+
+
+def test_a_unet_on_two_classes_that_both_hold_objects_finds_both(tmp_path):
+    """Pets: label 0 is "cat", not "no object". Every image's pseudo-mask is its map's, and the U-Net trained
+    on them finds the pet in cat photos as in dog photos (it once learned that cats have no pet)."""
+    import numpy as np
+    from PIL import Image
+
+    from wsseg.config_schema import SegmentConfig
+    from wsseg.data import create_dataset
+    from wsseg.metrics import confusion, scores
+    from wsseg.stages.maps import save_map
+    from wsseg.stages.pseudo_masks import MaskRule
+    from wsseg.stages.segment import load_segmenter, predict_masks, train_segmenter
+    from wsseg.stages.unet_labels import pseudo_mask_source
+
+    rng = np.random.default_rng(0)
+    root, lines = tmp_path / "oxford-iiit-pet", []
+    for i in range(12):
+        name, species = (f"Bengal_{i}", 1) if i % 2 else (f"beagle_{i}", 2)
+        image = rng.integers(0, 60, (64, 64, 3), dtype=np.uint8)
+        top, left = rng.integers(4, 28, 2)
+        image[top:top + 32, left:left + 32] = 230
+        trimap = np.full((64, 64), 2, np.uint8)
+        trimap[top:top + 32, left:left + 32] = 1
+        for folder, array, ext in (("images", image, "jpg"), ("annotations/trimaps", trimap, "png")):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(root / folder / f"{name}.{ext}")
+        lines.append(f"{name} {i + 1} {species} 1")
+    (root / "annotations" / "trainval.txt").write_text("\n".join(lines) + "\n")
+    dataset = create_dataset(DatasetConfig("oxford_pets", str(root), "trainval"))
+    for i in range(len(dataset)):  # a map that marks the pet: what a good CAM gives
+        save_map(tmp_path / "maps" / f"{dataset.records[i].stem}.npy", dataset.load_mask(i).astype(np.float32))
+    source = pseudo_mask_source(dataset, MaskRule("m", 0.5), {"m": tmp_path / "maps"})
+    cats = [i for i, r in enumerate(dataset.records) if dataset.classes[r.label] == "cat"]
+    assert cats and all(source(i).sum() == dataset.load_mask(i).sum() > 0 for i in cats)
+
+    config = SegmentConfig(masks="m", image_size=64, epochs=12, batch_size=4, lr=3e-3, amp=False)
+    result = train_segmenter(config, BackboneConfig(TINY_MODEL, "none"), dataset, source, tmp_path, "cpu")
+    model, meta = load_segmenter(result.checkpoint)
+    masks = predict_masks(model, meta, dataset, None, "cpu", keep=True)
+    dice = {c: np.mean([scores(confusion(masks[i], dataset.load_mask(i)))["dice"] for i in range(len(dataset))
+                        if dataset.classes[dataset.records[i].label] == c]) for c in ("cat", "dog")}
+    assert dice["cat"] > 0.5 and dice["dog"] > 0.5, dice

@@ -10,8 +10,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from wsseg.config_schema import (CLASSIFIER_SCHEDULES, CLASSIFIER_WEIGHTS, PREDICT_THRESHOLD_MODES, SELF_TRAINING_INITS,
-                                 RecipeConfig, unet_size_problems)
+from wsseg.config_schema import (CCAM_OPTIMIZERS, CLASSIFIER_SCHEDULES, CLASSIFIER_WEIGHTS, PREDICT_THRESHOLD_MODES,
+                                 SELF_TRAINING_INITS, RecipeConfig, unet_size_problems)
 from wsseg.errors import ConfigError, UnknownNameError
 
 _MISSING = object()
@@ -115,6 +115,8 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             problems.append(f"ccam.{i}.polarity: must be auto, border, classifier, none or inverted, got '{c.polarity}'")
         if c.inference_backend not in ("torch", "onnx"):
             problems.append(f"ccam.{i}.inference_backend: must be torch or onnx, got '{c.inference_backend}'")
+        if c.optimizer not in CCAM_OPTIMIZERS:
+            problems.append(f"ccam.{i}.optimizer: must be one of {', '.join(CCAM_OPTIMIZERS)}, got '{c.optimizer}'")
         if c.name in list_map_methods():
             problems.append(f"ccam.{i}.name: '{c.name}' is a classifier map method; pick another name")
         if not c.train:
@@ -315,13 +317,22 @@ def recipe_text(name_or_path: str) -> Tuple[str, str]:
     return f"recipe '{name_or_path}'", (_recipe_dir() / f"{name_or_path}.yaml").read_text()
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line L, column C: what is wrong` from a YAML parser error (its own text names no file)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    what = " ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p) or str(exc)
+    if mark is None:
+        return f"YAML syntax error: {what}"
+    return f"line {mark.line + 1}, column {mark.column + 1}: YAML syntax error: {what}"
+
+
 def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> RecipeConfig:
     """Load a shipped recipe or YAML file, apply overrides and validate."""
     source, text = recipe_text(name_or_path)
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"YAML syntax error: {exc}", source) from None
+        raise ConfigError(yaml_problem(exc), source) from None
     if not isinstance(data, dict):
         raise ConfigError(f"top level: expected a mapping, got {type(data).__name__}", source)
     data = apply_overrides(data, overrides)

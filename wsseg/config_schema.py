@@ -28,6 +28,7 @@ class DatasetConfig:
 CLASSIFIER_SCHEDULES = ("alternate", "concat")
 SELF_TRAINING_INITS = ("fresh", "previous")  # segment.self_training_init
 PREDICT_THRESHOLD_MODES = ("fixed", "calibrated")  # segment.predict.threshold_mode
+CCAM_OPTIMIZERS = ("sgd", "adam")  # ccam.optimizer
 CLASSIFIER_WEIGHTS = "classifier"  # segment.encoder_weights: start the U-Net's encoder from the trained classifier
 UNET_SIZE_MULTIPLE = 32  # U-Net encoders downsample 5 times
 
@@ -105,7 +106,13 @@ class CCAMConfig:
     head_lr_scale: float = 10.0
     weight_decay: float = 1e-4
     alpha: float = 0.25
+    # sgd (the reference code's) or adam. With SGD at these learning rates the one-channel head barely moves
+    # on EfficientNet features and the map finds nothing; Adam trains it in a few epochs (docs/experiments.md).
+    optimizer: str = "sgd"
     freeze_backbone_epochs: int = 0
+    # Train the head alone on the ImageNet backbone's features, computed once per image and its mirror image
+    # (the backbone stays as initialised): the same model as a frozen backbone, many times faster to train.
+    head_only: bool = False
     polarity: str = "auto"
     inference_backend: str = "torch"
     vertical_flip: bool = True

@@ -6,15 +6,20 @@ ground truth are both empty (nothing to find, nothing wrongly found) and 0.0 oth
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 
 METRIC_NAMES = ("dice", "iou", "precision", "recall", "accuracy")
 
 
-def confusion(pred: np.ndarray, target: np.ndarray) -> Dict[str, int]:
+def confusion(pred: np.ndarray, target: np.ndarray, ignore: Optional[np.ndarray] = None) -> Dict[str, int]:
+    """Pixel counts of a predicted mask against the ground truth; pixels where `ignore` is set count nowhere
+    (the Oxford-IIIT Pet trimap border, for users who leave it out of the score)."""
     pred, target = pred.astype(bool), target.astype(bool)
+    if ignore is not None:
+        kept = ~ignore.astype(bool)
+        pred, target = pred[kept], target[kept]
     tp = int(np.count_nonzero(pred & target))
     fp = int(np.count_nonzero(pred & ~target))
     fn = int(np.count_nonzero(~pred & target))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
+import torch
 
 from wsseg import distributed as dist
 from wsseg.cams import create_map_method, requires_classifier
@@ -27,10 +28,10 @@ from wsseg.cams.ccam import CCAMMaps, CCAMOnnxMaps
 from wsseg.cams.tta import TTAMaps
 from wsseg.config import to_yaml
 from wsseg.config_schema import CLASSIFIER_WEIGHTS, RecipeConfig, SegmentConfig
-from wsseg.data import create_dataset
-from wsseg.data.base import SegmentationDataset, concat_datasets
+from wsseg.data import DatasetCatalog
+from wsseg.data.base import SegmentationDataset
 from wsseg.environment import describe as describe_environment, environment_report
-from wsseg.errors import ConfigError, WssegError
+from wsseg.errors import ConfigError, StageFailure, WssegError, about
 from wsseg.models.classifier import load_classifier
 from wsseg.progress import ProgressFn, no_progress
 from wsseg.report import bar_chart, markdown_report
@@ -74,7 +75,8 @@ class StageTimer:
         start = time.perf_counter()
         log.info("stage %s: start", stage)
         try:
-            yield
+            with about(stage):
+                yield
         finally:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
             log.info("stage %s: %.1f s", stage, self.timings[stage])
@@ -161,7 +163,23 @@ def run_recipe(config: RecipeConfig, out_dir: Path, data_root: Optional[Path] = 
         log.info("environment: %s", describe_environment(environment))
         if dist.is_main():
             write_json(out_dir / "environment.json", environment)
-        return RecipeRun(config, out_dir, data_root, progress, resume).run()
+        try:
+            return RecipeRun(config, out_dir, data_root, progress, resume).run()
+        except (WssegError, KeyboardInterrupt):
+            raise  # errors wsseg raises on purpose already name the file or key at fault
+        except Exception as exc:
+            # The full traceback goes to run.log (INFO: the console shows it with -v only).
+            log.info("run stopped by an unexpected error", exc_info=True)
+            raise StageFailure(exc, getattr(exc, "wsseg_stage", ""), getattr(exc, "wsseg_image", ""),
+                               out_dir / log_name, resume_command(out_dir, data_root)) from exc
+
+
+def resume_command(out_dir: Path, data_root: Optional[Path] = None) -> str:
+    """The command that continues a stopped run from its last finished stage."""
+    import shlex
+
+    root = f" --data-root {shlex.quote(str(data_root))}" if data_root is not None else ""
+    return f"wsseg recipe run --resume {shlex.quote(str(out_dir))}{root}"
 
 
 class RecipeRun:
@@ -177,10 +195,11 @@ class RecipeRun:
         self.classifier_ckpt: Optional[Path] = None
         self.classifier_fp: Optional[str] = None
         self.skipped_stages: List[str] = []
+        self.catalog = DatasetCatalog(data_root, config.on_bad_image)  # every dataset of the run, built once
+        self.metrics["skipped_images"] = self.catalog.skipped
 
     def dataset(self, config, key: str) -> SegmentationDataset:
-        return create_dataset(config, self.data_root, key=key, on_bad_image=self.config.on_bad_image,
-                              bad_images=self.metrics.setdefault("skipped_images", {}))
+        return self.catalog.get(config, key)
 
     # ------------------------------------------------------------------ stage cache
 
@@ -288,7 +307,7 @@ class RecipeRun:
 
             def train():
                 result = train_classifier(config.classifier, config.backbone, self.out_dir / "checkpoints",
-                                          self.device, self.data_root, config.seed, self.progress, classifier_fp)
+                                          self.device, self.catalog, config.seed, self.progress, classifier_fp)
                 return {"checkpoint": str(result.checkpoint), "metrics": result.metrics}
 
             with self.timer("classifier"):
@@ -321,6 +340,7 @@ class RecipeRun:
 
     def train_ccam(self, ccam_config, classifier_fp: Optional[str]) -> MapProducer:
         """Train one CCAM variant (polarity checked against the classifier's Grad-CAM when there is one)."""
+        config = self.config
         digest = fingerprint(ccam_config, self.config.backbone, self.config.seed, self.config.on_bad_image,
                              classifier_fp if ccam_config.init == "classifier" or ccam_config.polarity != "border"
                              else None)
@@ -332,10 +352,19 @@ class RecipeRun:
                 gradcam = create_map_method("gradcam", model=classifier.to(self.device).eval())
 
                 def reference(images):
-                    return gradcam.compute(images, [meta.positive_index] * len(images))
+                    # The class the maps explain: the positive one, or (maps.target label / predicted: pets,
+                    # where both classes hold an object) the class the classifier sees in each image.
+                    if config.maps.target == "positive":
+                        targets = [meta.positive_index] * len(images)
+                    else:
+                        with torch.no_grad():
+                            targets = classifier(images).argmax(1).tolist()
+                    return gradcam.compute(images, targets)
 
+            index = self.config.ccam.index(ccam_config)
+            train_set = self.catalog.concat(ccam_config.train, f"ccam.{index}.train")
             result = train_ccam(ccam_config, self.config.backbone, self.out_dir / "checkpoints", self.device,
-                                self.data_root, self.config.seed, self.classifier_ckpt, reference, self.progress,
+                                train_set, self.config.seed, self.classifier_ckpt, reference, self.progress,
                                 digest)
             if gradcam is not None:
                 gradcam.close()
@@ -362,12 +391,12 @@ class RecipeRun:
     def maps_for(self, name: str, producer: MapProducer, dataset: SegmentationDataset, folder: str,
                  dataset_config, only_positives: bool = False) -> Path:
         """Maps of one producer on one dataset, sharded across ranks, cached by fingerprint. With
-        `only_positives`, images labelled negative get no map (their pseudo-mask is empty anyway)."""
+        `only_positives`, images of object-free classes get no map (their pseudo-mask is empty anyway)."""
         out = self.out_dir / folder / name
         maps = self.config.maps
         digest = self.maps_digest(producer, dataset_config)
         wanted = [i for i in range(len(dataset))
-                  if not only_positives or dataset.records[i].label == dataset.positive_index]
+                  if not only_positives or dataset.holds_object(i)]
 
         def compute():
             log.info("maps: %s on %d images", name, len(wanted))
@@ -403,9 +432,9 @@ class RecipeRun:
         if self.config.maps.fit_dataset is None:
             return dataset, wanted
         fit_set = self.dataset(self.config.maps.fit_dataset, "maps.fit_dataset")
-        positives = [i for i in range(len(fit_set)) if fit_set.records[i].label == fit_set.positive_index]
+        positives = [i for i in range(len(fit_set)) if fit_set.holds_object(i)]
         if not positives:
-            raise ConfigError(f"maps.fit_dataset: {fit_set.describe()} has no positive images to fit on")
+            raise ConfigError(f"maps.fit_dataset: {fit_set.describe()} has no images with objects to fit on")
         return fit_set, positives
 
     def mask_rules(self, producers: Dict[str, MapProducer]) -> Dict[str, MaskRule]:
@@ -454,8 +483,7 @@ class RecipeRun:
                                         threshold=None, threshold_mode="fixed")
 
         seg = self.config.segment
-        parts = [self.dataset(d, f"segment.train.{i}") for i, d in enumerate(seg.train)]
-        train_set = concat_datasets(parts)
+        train_set = self.catalog.concat(seg.train, "segment.train")
         rule, map_dirs = None, None
         upstream = "ground_truth"
         if seg.masks != "ground_truth":
@@ -598,8 +626,11 @@ class RecipeRun:
         from wsseg.deploy.predict_onnx import write_onnx_masks
 
         with self.timer("export"):
+            calibration_set = None
+            if self.config.segment is not None and self.config.export.int8:
+                calibration_set = self.catalog.concat(self.config.segment.train, "segment.train")
             self.metrics["export"] = export_run_models(self.out_dir, self.config.export, self.artifacts,
-                                                       self.data_root)
+                                                       calibration_set)
         out = {}
         for name, filename in (("unet_onnx", "model.onnx"), ("unet_onnx_int8", "model.int8.onnx")):
             if (self.out_dir / filename).is_file():

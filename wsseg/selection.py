@@ -92,6 +92,12 @@ def score_map_methods(classifier: Path, dataset: SegmentationDataset, candidates
     model.to(device)
     indices = sample_indices(dataset, n_images, seed)
     truths = {i: dataset.load_mask(i).astype(bool) for i in indices}
+
+    def targets(batch_indices):
+        """The positive class, or each image's own where every class holds an object (cat and dog)."""
+        if dataset.object_free:
+            return [meta.positive_index] * len(batch_indices)
+        return [dataset.records[i].label for i in batch_indices]
     results = []
     for candidate in progress(candidates, total=len(candidates), description="map candidates"):
         start = time.perf_counter()
@@ -103,7 +109,7 @@ def score_map_methods(classifier: Path, dataset: SegmentationDataset, candidates
             fit_map_method(method, dataset, indices, candidate.image_size, meta.mean, meta.std, device, batch_size)
             for batch in eval_loader(dataset, candidate.image_size, meta.mean, meta.std, batch_size, indices):
                 batch_indices = batch["index"].tolist()
-                computed = method.compute(batch["image"].to(device), [meta.positive_index] * len(batch_indices))
+                computed = method.compute(batch["image"].to(device), targets(batch_indices))
                 maps.update(zip(batch_indices, computed))
         results.append(MapScore(candidate, score_maps(maps, truths, thresholds), time.perf_counter() - start))
     return sorted(results, key=lambda r: -r.dice[r.best_rule])

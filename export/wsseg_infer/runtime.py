@@ -36,7 +36,8 @@ class ModelInfo:
         meta = session.get_modelmeta().custom_metadata_map
         missing = [k for k in ("input_size", "mean", "std", "threshold") if k not in meta]
         if missing:
-            raise InputError(f"model has no wsseg metadata ({', '.join(missing)} missing): export it with wsseg export")
+            raise InputError(f"an ONNX model without wsseg's metadata ({', '.join(missing)} missing): export a "
+                             "trained run with `wsseg export RUN_DIR`")
         return cls(meta.get("wsseg_kind", "segmenter"), int(meta["input_size"]), tuple(json.loads(meta["mean"])),
                    tuple(json.loads(meta["std"])), float(meta["threshold"]),
                    json.loads(meta.get("class_names", "[]")), meta.get("wsseg_version", "?"))
@@ -138,9 +139,16 @@ class Segmenter:
             raise InputError(f"{self.path}: model file not found")
         self.providers = choose_providers(device)
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
-        source = to_fp16_model(self.path) if fp16 and self.on_cuda else str(self.path)
-        self.session = ort.InferenceSession(source, session_options(threads), providers=self.providers)
-        self.info = ModelInfo.from_session(self.session)
+        try:
+            source = to_fp16_model(self.path) if fp16 and self.on_cuda else str(self.path)
+            self.session = ort.InferenceSession(source, session_options(threads), providers=self.providers)
+        except Exception as exc:  # onnxruntime's own types (InvalidProtobuf, Fail, ...) are not public
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"{self.path}: not an ONNX model onnxruntime can load ({reason})") from None
+        try:
+            self.info = ModelInfo.from_session(self.session)
+        except InputError as exc:
+            raise InputError(f"{self.path}: {exc}") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def check_input(self, batch: np.ndarray) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -40,8 +41,9 @@ def add_parser(subparsers) -> None:
     predict.add_argument("inputs", nargs="+", help="image files or folders")
     predict.add_argument("--out", type=Path, required=True, help="folder for <stem>.png masks")
     predict.add_argument("--backend", choices=["torch", "onnx"], default="onnx")
-    predict.add_argument("--batch-size", type=int, default=8)
-    predict.add_argument("--overlays", action="store_true")
+    from wsseg_infer.cli import add_job_arguments
+
+    add_job_arguments(predict)
     predict.set_defaults(func=cmd_predict)
 
     bench = subparsers.add_parser("bench", help="speed benchmarks")
@@ -163,30 +165,32 @@ def _find(model: Path, backend: str) -> Path:
 
 
 def cmd_predict(args) -> int:
-    from wsseg.cli.ui import console
     from wsseg_infer import cli as infer_cli
 
     path = _find(args.model, args.backend)
     if args.backend == "onnx":
         argv = [str(path), *args.inputs, "--out", str(args.out), "--batch-size", str(args.batch_size)]
-        return infer_cli.main(argv + (["--overlays"] if args.overlays else []))
-    import numpy as np
-    from PIL import Image
-
+        flags = [f"--{name.replace('_', '-')}" for name in ("overlays", "strict", "skip_existing") if getattr(args, name)]
+        return infer_cli.main(argv + flags)
     from wsseg.data.base import Record, SegmentationDataset
     from wsseg.device import resolve_device
+    from wsseg.errors import WssegError
     from wsseg.stages.segment import load_segmenter, predict_masks
 
-    files = infer_cli.collect(args.inputs)
-    dataset = SegmentationDataset([Record(p.stem, p, 0) for p in files], ["image"])
     model, meta = load_segmenter(path)
-    predict_masks(model, meta, dataset, args.out, resolve_device("auto"), args.batch_size)
-    if args.overlays:
-        for i, p in enumerate(files):
-            mask = np.asarray(Image.open(args.out / f"{p.stem}.png")) > 127
-            Image.fromarray(infer_cli.overlay(dataset.load_image(i), mask)).save(args.out / f"{p.stem}_overlay.jpg")
-    console.print(f"{len(files)} masks written to {args.out} (torch backend)")
-    return 0
+    device = resolve_device("auto")
+
+    def masks_of(paths, images):
+        dataset = SegmentationDataset([Record(p.stem, p, 0) for p in paths], ["image"])
+        return predict_masks(model, meta, dataset, None, device, args.batch_size, keep=True)
+
+    try:
+        job = infer_cli.segment_files(infer_cli.collect(args.inputs), args.out, masks_of, args.batch_size,
+                                      args.overlays, args.strict, args.skip_existing,
+                                      warn=lambda text: print(f"wsseg predict: {text}", file=sys.stderr))
+    except infer_cli.InputError as exc:
+        raise WssegError(str(exc)) from None
+    return infer_cli.report(job, args.out, "torch")
 
 
 def _print_rows(title: str, rows, out) -> None:

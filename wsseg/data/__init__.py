@@ -1,4 +1,5 @@
-"""Dataset registry: `create_dataset(config, data_root)` and `list_datasets()`."""
+"""Dataset registry: `create_dataset(config, data_root)`, `list_datasets()`, and `DatasetCatalog`, the one
+place a run builds its datasets."""
 
 from __future__ import annotations
 
@@ -86,5 +87,37 @@ def drop_bad_images(dataset: SegmentationDataset, key: str,
     return dataset
 
 
-__all__ = ["DATASETS", "DataError", "Record", "SegmentationDataset", "create_dataset", "list_datasets",
-           "resolve_data_root"]
+class DatasetCatalog:
+    """Every dataset of a run, each built once with the run's `on_bad_image` and handed to the stage that
+    reads it (classifier, CCAM, maps, calibration, U-Net, INT8 calibration). With `skip`, the files each one
+    dropped are in `skipped` under the recipe key that named it (`classifier.train.0`, `segment.train.1`, ...)."""
+
+    def __init__(self, data_root: Optional[Union[str, Path]] = None, on_bad_image: str = "error"):
+        if on_bad_image not in ("error", "skip"):
+            raise ConfigError(f"on_bad_image: must be error or skip, got '{on_bad_image}'")
+        self.data_root = data_root
+        self.on_bad_image = on_bad_image
+        self.skipped: Dict[str, List[str]] = {}
+        self._built: Dict[tuple, SegmentationDataset] = {}
+
+    def get(self, config: DatasetConfig, key: str) -> SegmentationDataset:
+        """The dataset `config` describes; `key` is its place in the recipe, used in messages and `skipped`."""
+        import dataclasses
+        import json
+
+        identity = (key, json.dumps(dataclasses.asdict(config), sort_keys=True, default=str))
+        if identity not in self._built:
+            self._built[identity] = create_dataset(config, self.data_root, key, self.on_bad_image, self.skipped)
+        return self._built[identity]
+
+    def concat(self, configs: List[DatasetConfig], key: str) -> SegmentationDataset:
+        """Several datasets of one recipe list (`key.0`, `key.1`, ...) read as one."""
+        from wsseg.data.base import concat_datasets
+
+        if not configs:
+            raise DataError(f"{key}: no dataset given")
+        return concat_datasets([self.get(c, f"{key}.{i}") for i, c in enumerate(configs)])
+
+
+__all__ = ["DATASETS", "DataError", "DatasetCatalog", "Record", "SegmentationDataset", "create_dataset",
+           "list_datasets", "resolve_data_root"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -27,16 +27,24 @@ class SegmentationDataset:
 
     Subclasses fill `records` and `classes`; datasets without files (synthetic) override
     `load_image` and `load_mask`.
+
+    An image's class and whether it holds an object are two facts: `object_free` lists the classes whose
+    images show nothing to segment (polyp datasets: "non-polyp"; the default is every class but
+    `positive_index`). Their masks are empty whatever a map shows. Oxford-IIIT Pet has none: a cat photo
+    holds a pet as much as a dog photo does.
     """
 
     name = "base"
 
-    def __init__(self, records: List[Record], classes: List[str], positive_index: int = 1):
+    def __init__(self, records: List[Record], classes: List[str], positive_index: int = 1,
+                 object_free: Optional[Sequence[int]] = None):
         if not records:
             raise DataError(f"{self.name}: no images found ({self.describe()})")
         self.records = records
         self.classes = classes
         self.positive_index = positive_index
+        self.object_free = frozenset(
+            (i for i in range(len(classes)) if i != positive_index) if object_free is None else object_free)
         stems = [r.stem for r in records]
         if len(set(stems)) != len(stems):
             dup = sorted({s for s in stems if stems.count(s) > 1})[:5]
@@ -51,6 +59,15 @@ class SegmentationDataset:
     @property
     def has_masks(self) -> bool:
         return all(r.mask_path is not None for r in self.records)
+
+    def image_name(self, index: int) -> str:
+        """The image's file (or stem, for generated images): what an error message names."""
+        record = self.records[index]
+        return str(record.image_path) if record.image_path is not None else record.stem
+
+    def holds_object(self, index: int) -> bool:
+        """Whether image `index` may show an object (its class is not an object-free one)."""
+        return self.records[index].label not in self.object_free
 
     @property
     def labels(self) -> np.ndarray:
@@ -79,6 +96,10 @@ class SegmentationDataset:
 
     def read_mask_file(self, path: Path) -> np.ndarray:
         return read_binary_mask(path)
+
+    def load_ignore(self, index: int) -> Optional[np.ndarray]:
+        """Boolean HxW of pixels left out of scores and of supervised training (None: none are)."""
+        return None
 
     def subset(self, limit: Optional[int]) -> "SegmentationDataset":
         """Keep the first `limit` records, spread over the classes (for quick runs)."""
@@ -114,7 +135,8 @@ class ConcatDataset(SegmentationDataset):
                     raise DataError(f"{first.describe()} and {part.describe()} both have an image named "
                                     f"'{record.stem}': maps and masks are saved by file stem, so the stems of "
                                     "datasets read together must differ")
-        super().__init__([p.records[i] for p, i in self.index], parts[0].classes, parts[0].positive_index)
+        super().__init__([p.records[i] for p, i in self.index], parts[0].classes, parts[0].positive_index,
+                         parts[0].object_free)
 
     def describe(self) -> str:
         return " + ".join(p.describe() for p in self.parts)
@@ -130,6 +152,10 @@ class ConcatDataset(SegmentationDataset):
     def load_mask(self, index: int):
         part, i = self.index[index]
         return part.load_mask(i)
+
+    def load_ignore(self, index: int):
+        part, i = self.index[index]
+        return part.load_ignore(i)
 
     def image_size(self, index: int) -> tuple:
         part, i = self.index[index]

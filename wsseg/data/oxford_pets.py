@@ -13,6 +13,7 @@ from wsseg.errors import DataError
 
 SPLIT_FILES = {"trainval": "trainval.txt", "train": "trainval.txt", "test": "test.txt", "val": "test.txt"}
 TRIMAP_FOREGROUND, TRIMAP_BACKGROUND, TRIMAP_BORDER = 1, 2, 3
+BORDER_MODES = ("foreground", "background", "ignore")
 
 
 def download_oxford_pets(root: Path) -> None:
@@ -30,7 +31,8 @@ def download_oxford_pets(root: Path) -> None:
 
 
 class OxfordPets(SegmentationDataset):
-    """`border` decides what the trimap's uncertain border band becomes: foreground (default) or background."""
+    """`border` decides what the trimap's uncertain border band becomes: foreground (default, the headline
+    convention), background, or `ignore`: left out of every score and of supervised training."""
 
     name = "oxford_pets"
 
@@ -39,8 +41,8 @@ class OxfordPets(SegmentationDataset):
         if download and not (root / "annotations" / "trimaps").is_dir():
             download_oxford_pets(root)
         self.root = require_dir(root, "oxford_pets")
-        if border not in ("foreground", "background"):
-            raise DataError(f"oxford_pets: border must be foreground or background, got '{border}'")
+        if border not in BORDER_MODES:
+            raise DataError(f"oxford_pets: border must be one of {', '.join(BORDER_MODES)}, got '{border}'")
         self.border = border
         self.split = split or "trainval"
         if self.split not in SPLIT_FILES:
@@ -62,7 +64,8 @@ class OxfordPets(SegmentationDataset):
             if not image_path.is_file():
                 raise DataError(f"{list_file}:{number}: image {image_path} does not exist")
             records.append(Record(stem, image_path, species - 1, trimaps_dir / f"{stem}.png"))
-        super().__init__(records, ["cat", "dog"], positive_index=1)
+        # Both species are pets to segment: no class is object-free (the classifier's task is cat vs dog).
+        super().__init__(records, ["cat", "dog"], positive_index=1, object_free=())
 
     def describe(self) -> str:
         return f"oxford_pets at {self.root}, split {self.split}"
@@ -73,3 +76,8 @@ class OxfordPets(SegmentationDataset):
         if self.border == "foreground":
             mask |= trimap == TRIMAP_BORDER
         return mask
+
+    def load_ignore(self, index: int) -> Optional[np.ndarray]:
+        if self.border != "ignore":
+            return None
+        return read_gray(self.records[index].mask_path) == TRIMAP_BORDER

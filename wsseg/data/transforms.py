@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from wsseg.data.base import SegmentationDataset
+from wsseg.errors import about
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,6 +52,10 @@ class TorchDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
+        with about(image=lambda: self.dataset.image_name(index)):
+            return self._item(index)
+
+    def _item(self, index: int) -> dict:
         image = self.dataset.load_image(index, self.max_side)
         item = {"label": self.dataset.records[index].label, "index": index}
         if self.with_masks:

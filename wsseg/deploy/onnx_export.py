@@ -129,8 +129,9 @@ def export_ccam(checkpoint: Path, out_path: Path, opset: int = 17, threshold: fl
     return _export(model, out_path, meta["image_size"], opset, metadata)
 
 
-def export_run_models(run_dir: Path, config, artifacts: Dict[str, Path], data_root=None) -> Dict:
-    """Export what a run trained: `model.onnx` (U-Net), `<ccam name>.onnx`, and `model.int8.onnx` if asked."""
+def export_run_models(run_dir: Path, config, artifacts: Dict[str, Path], calibration_set=None) -> Dict:
+    """Export what a run trained: `model.onnx` (U-Net), `<ccam name>.onnx`, and `model.int8.onnx` if asked,
+    calibrated on `calibration_set` (the run's U-Net training images)."""
     run_dir = Path(run_dir)
     report: Dict = {}
     if "unet" in artifacts:
@@ -138,8 +139,8 @@ def export_run_models(run_dir: Path, config, artifacts: Dict[str, Path], data_ro
         if config.int8:
             from wsseg.deploy.quantize import quantize_from_run
 
-            report["unet_int8"] = quantize_from_run(run_dir, config.calibration_images, data_root,
-                                                    config.int8_keep_float)
+            report["unet_int8"] = quantize_from_run(run_dir, config.calibration_images, None,
+                                                    config.int8_keep_float, calibration_set=calibration_set)
     for name, path in artifacts.items():
         if name != "unet":
             report[name] = export_ccam(path, run_dir / f"{name}.onnx", config.opset).as_dict()

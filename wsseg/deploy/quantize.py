@@ -130,35 +130,45 @@ def _copy_metadata(source: Path, target: Path, extra: Dict[str, str]) -> None:
     onnx.save(dst, str(target))
 
 
-def calibration_batches(config, model_path: Path, n_images: int, data_root=None) -> List[np.ndarray]:
-    """Preprocessed images from the segmenter training set of the run's RecipeConfig (never the
-    evaluation images)."""
-    from wsseg.data import create_dataset
-    from wsseg.data.base import concat_datasets
+def calibration_batches(dataset, model_path: Path, n_images: int) -> List[np.ndarray]:
+    """`n_images` preprocessed images spread over `dataset` (the U-Net's training images, never the
+    evaluation images), prepared as the ONNX model at `model_path` expects them."""
     from wsseg_infer.runtime import ModelInfo, preprocess
     import onnxruntime as ort
 
     info = ModelInfo.from_session(ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]))
-    train = concat_datasets([create_dataset(d, data_root) for d in config.segment.train])
-    picks = np.linspace(0, len(train) - 1, min(n_images, len(train))).astype(int)
-    return [preprocess(train.load_image(int(i)), info)[None] for i in picks]
+    picks = np.linspace(0, len(dataset) - 1, min(n_images, len(dataset))).astype(int)
+    return [preprocess(dataset.load_image(int(i)), info)[None] for i in picks]
+
+
+def run_training_images(run_dir: Path, data_root=None):
+    """The U-Net training images of a finished run, read from its `config.yaml` (for `wsseg export --int8`
+    outside a run); unreadable files are left out, as a calibration image is only a sample."""
+    from wsseg.config import load_recipe
+    from wsseg.data import DatasetCatalog
+
+    config = load_recipe(str(Path(run_dir) / "config.yaml"))
+    return config, DatasetCatalog(data_root, "skip").concat(config.segment.train, "segment.train")
 
 
 def quantize_from_run(run_dir: Path, n_images: Optional[int] = None, data_root=None,
-                      keep_float: Sequence[str] = DEFAULT_KEEP_FLOAT, model_path: Optional[Path] = None) -> Dict:
+                      keep_float: Sequence[str] = DEFAULT_KEEP_FLOAT, model_path: Optional[Path] = None,
+                      calibration_set=None) -> Dict:
     """The INT8 twin of a run's fp32 ONNX model (`model_path`, default `model.onnx`) beside it, with its
-    agreement with fp32 on the calibration images: `n_images` of them, default the run's
+    agreement with fp32 on the calibration images: `n_images` of `calibration_set` (a running recipe hands
+    its U-Net training set; without it, the run's `config.yaml` names it), default the run's
     `export.calibration_images`."""
-    from wsseg.config import load_recipe
     from wsseg.config_schema import ExportConfig
     from wsseg.deploy.onnx_export import read_metadata
 
     run_dir = Path(run_dir)
     model_path = Path(model_path) if model_path else run_dir / "model.onnx"
-    config = load_recipe(str(run_dir / "config.yaml"))
-    if n_images is None:
-        n_images = (config.export or ExportConfig()).calibration_images
-    batches = calibration_batches(config, model_path, n_images, data_root)
+    if calibration_set is None or n_images is None:
+        config, from_config = run_training_images(run_dir, data_root)
+        calibration_set = calibration_set if calibration_set is not None else from_config
+        if n_images is None:
+            n_images = (config.export or ExportConfig()).calibration_images
+    batches = calibration_batches(calibration_set, model_path, n_images)
     out = quantize_int8(model_path, model_path.with_name(model_path.stem + ".int8.onnx"), batches, keep_float)
     agreement = mask_agreement(model_path, out, batches, float(read_metadata(model_path)["threshold"]))
     log.info("INT8 model written to %s (kept in fp32: %s); masks vs fp32 on %d calibration images: Dice %.4f",

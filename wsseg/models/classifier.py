@@ -41,7 +41,10 @@ def save_classifier(path: Path, model: torch.nn.Module, meta: ClassifierMeta, ex
 
 def load_classifier(path: Path, map_location="cpu") -> Tuple[torch.nn.Module, ClassifierMeta]:
     """Rebuild the classifier from its checkpoint (no download: the weights are in the file)."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    from wsseg.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(path, "classifier checkpoint (checkpoints/classifier.pth of a run)",
+                                 ("model_name", "classes"), map_location)
     meta = ClassifierMeta(**checkpoint["meta"])
     model = timm.create_model(meta.model_name, pretrained=False, num_classes=len(meta.classes))
     model.load_state_dict(checkpoint["state_dict"])

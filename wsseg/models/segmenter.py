@@ -121,7 +121,10 @@ def rewrite_meta(path: Path, meta: SegmenterMeta) -> None:
 
 
 def load_segmenter(path: Path, map_location="cpu") -> Tuple[torch.nn.Module, SegmenterMeta]:
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    from wsseg.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(path, "U-Net checkpoint (checkpoints/unet.pth of a run)", ("encoder", "image_size"),
+                                 map_location)
     meta = SegmenterMeta(**checkpoint["meta"])
     model = build_unet(meta.encoder, "none")
     model.load_state_dict(checkpoint["state_dict"])

@@ -6,8 +6,11 @@ are dropped and `features_only` models load the same way as full ones.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import re
+import socket
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -117,11 +120,45 @@ def _none(name: str, **kwargs) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
+HUB_HOST = "huggingface.co"
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub can be reached now: not with HF_HUB_OFFLINE set, nor when its host does not
+    resolve or connect within `timeout` seconds (one quick probe instead of the client's retries)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def hub_cache_only():
+    """Hugging Face downloads read the local cache only (no request, so no retries) while inside."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
 @WEIGHT_SOURCES.register("hub")
 def _hub(name: str, **kwargs) -> torch.nn.Module:
+    online = hub_reachable()
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        with contextlib.nullcontext() if online else hub_cache_only():
+            return timm.create_model(name, pretrained=True, **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
+        if not online:
+            raise WeightsUnavailableError(
+                f"backbone.weights=hub: '{name}' is not in the local Hugging Face cache and the hub cannot be "
+                f"reached (offline or HF_HUB_OFFLINE set). Without internet, use {OFFLINE_HINT}") from None
         raise WeightsUnavailableError(
             f"backbone.weights=hub: cannot download or find cached weights for '{name}' ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200]}). Without internet, use {OFFLINE_HINT}") from None

@@ -63,7 +63,7 @@ def gate(activation: np.ndarray, image: np.ndarray, other: Optional[np.ndarray] 
          **_) -> np.ndarray:
     """Multiply by another method's map (e.g. CCAM gated by the classifier's Grad-CAM)."""
     if other is None:
-        raise ConfigError("refinement 'gate' needs `with:` naming another map method")
+        raise ConfigError("refinement 'gate' needs `other:` naming another map method")
     return _normalise(activation * np.power(np.clip(other, 0, 1), power))
 
 
@@ -72,7 +72,7 @@ def mean(activation: np.ndarray, image: np.ndarray, other: Optional[np.ndarray] 
          **_) -> np.ndarray:
     """Weighted average with another method's map."""
     if other is None:
-        raise ConfigError("refinement 'mean' needs `with:` naming another map method")
+        raise ConfigError("refinement 'mean' needs `other:` naming another map method")
     return _normalise((1 - weight) * activation + weight * other)
 
 

@@ -52,13 +52,15 @@ def dense_crf(activation: np.ndarray, image: np.ndarray, center: str = "otsu", s
     height, width = activation.shape
     size, scale = working_size(height, width, max_side)
     small_image = cv2.resize(image, size, interpolation=cv2.INTER_AREA) if scale < 1 else image
+    # pydensecrf keeps a pointer to a writable, C-ordered uint8 buffer; images decoded by PIL are read-only
+    small_image = np.require(small_image, np.uint8, ["C_CONTIGUOUS", "WRITEABLE", "OWNDATA"])
     small_map = cv2.resize(activation.astype(np.float32), size, interpolation=cv2.INTER_LINEAR) if scale < 1 \
         else activation.astype(np.float32)
     probability = np.clip(map_to_probability(small_map, center, sharpness, offset), 1e-3, 1 - 1e-3).astype(np.float32)
     crf = dcrf.DenseCRF2D(size[0], size[1], 2)
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.stack([1 - probability, probability]))))
     crf.addPairwiseGaussian(sxy=smoothness_sigma, compat=smoothness_weight)
-    crf.addPairwiseBilateral(sxy=spatial_sigma, srgb=colour_sigma, rgbim=np.ascontiguousarray(small_image, np.uint8),
+    crf.addPairwiseBilateral(sxy=spatial_sigma, srgb=colour_sigma, rgbim=small_image,
                              compat=bilateral_weight)
     foreground = np.asarray(crf.inference(int(iterations)), np.float32).reshape(2, size[1], size[0])[1]
     return cv2.resize(foreground, (width, height), interpolation=cv2.INTER_LINEAR) if scale < 1 else foreground

@@ -13,8 +13,8 @@ import torch
 
 from wsseg.checkpoint import atomic_save
 from wsseg.config_schema import BackboneConfig, CCAMConfig
-from wsseg.data import create_dataset
-from wsseg.data.base import SegmentationDataset, concat_datasets
+from wsseg.data import DatasetCatalog
+from wsseg.data.base import SegmentationDataset
 from wsseg.data.transforms import TorchDataset, train_transform
 from wsseg.device import autocast, batch_to, seed_everything
 from wsseg.errors import ConfigError
@@ -98,25 +98,53 @@ def decide_polarity(model: CCAM, dataset: SegmentationDataset, mode: str, device
 
 
 def train_ccam(config: CCAMConfig, backbone: BackboneConfig, out_dir: Path, device: torch.device,
-               data_root: Optional[Path] = None, seed: int = 0, classifier_checkpoint: Optional[Path] = None,
+               train_set: Optional[SegmentationDataset] = None, seed: int = 0,
+               classifier_checkpoint: Optional[Path] = None,
                reference_maps=None, progress: ProgressFn = no_progress, state_tag: str = "") -> CCAMResult:
-    """Train one CCAM variant with the contrastive losses; returns its checkpoint and training metrics."""
+    """Train one CCAM variant with the contrastive losses on `train_set` (the runner builds it from
+    `config.train`; by default it is read here); returns its checkpoint and training metrics."""
     seed_everything(seed)
     if config.batch_size < MIN_RECOMMENDED_BATCH:
         log.warning("ccam '%s': batch_size %d is below %d; the contrastive losses compare pairs within a batch "
                     "and become noisy with few images", config.name, config.batch_size, MIN_RECOMMENDED_BATCH)
-    parts = [create_dataset(d, data_root, key=f"ccam.train.{i}") for i, d in enumerate(config.train)]
-    dataset = concat_datasets(parts)
+    dataset = train_set if train_set is not None else DatasetCatalog().concat(config.train, "ccam.train")
     model = build_ccam(config, backbone, classifier_checkpoint).to(device)
     mean, std = normalisation(model.backbone)
+    criterion = CCAMLoss(config.alpha)
+    if config.head_only:
+        history = _train_head_on_features(config, model, dataset, mean, std, criterion, device, seed,
+                                          state_file(out_dir, config.name, state_tag), progress)
+    else:
+        history = _train_whole(config, model, dataset, mean, std, criterion, device, seed,
+                               state_file(out_dir, config.name, state_tag), progress)
+    model.backbone.requires_grad_(True)
+    model.eval()
+    polarity = decide_polarity(model, dataset, config.polarity, device, config.image_size, mean, std, reference_maps)
+    log.info("%s polarity: %s", config.name, polarity)
+    checkpoint = Path(out_dir) / f"{config.name}.pth"
+    metrics = {"final_loss": history[-1] if history else float("nan"), **polarity}
+    if dist.is_main():
+        save_ccam(checkpoint, model, config, mean, std)
+        write_json(Path(out_dir) / f"{config.name}_metrics.json", metrics)
+    dist.barrier()
+    return CCAMResult(checkpoint, metrics)
+
+
+def _optimizer(config: CCAMConfig, modules_lrs):
+    groups = param_groups(modules_lrs, config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups)
+    return torch.optim.SGD(groups, momentum=0.9)
+
+
+def _train_whole(config: CCAMConfig, model: CCAM, dataset, mean, std, criterion, device, seed, state_path,
+                 progress):
+    """Backbone and head on augmented images (the backbone optionally frozen for the first epochs)."""
     transform = train_transform(config.image_size, mean, std, config.vertical_flip)
     loader = training_loader(TorchDataset(dataset, transform, max_side=2 * config.image_size), config.batch_size,
                              config.num_workers, seed)
-    optimizer = torch.optim.SGD(param_groups([(model.backbone, config.lr),
-                                              (model.head, config.lr * config.head_lr_scale)],
-                                             config.weight_decay), momentum=0.9)
+    optimizer = _optimizer(config, [(model.backbone, config.lr), (model.head, config.lr * config.head_lr_scale)])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(config.epochs * len(loader)))
-    criterion = CCAMLoss(config.alpha)
 
     def before_epoch(epoch):
         transform.set_random_seed(seed * 1000 + epoch)
@@ -134,19 +162,54 @@ def train_ccam(config: CCAMConfig, backbone: BackboneConfig, out_dir: Path, devi
         loss, _terms = criterion(fg.float(), bg.float())
         return loss
 
-    history = [h["loss"] for h in fit(config.name, model, loader, step, optimizer, scheduler, config.epochs,
-                                      state_file(out_dir, config.name, state_tag), device, progress, before_epoch)]
-    model.backbone.requires_grad_(True)
-    model.eval()
-    polarity = decide_polarity(model, dataset, config.polarity, device, config.image_size, mean, std, reference_maps)
-    log.info("%s polarity: %s", config.name, polarity)
-    checkpoint = Path(out_dir) / f"{config.name}.pth"
-    metrics = {"final_loss": history[-1] if history else float("nan"), **polarity}
-    if dist.is_main():
-        save_ccam(checkpoint, model, config, mean, std)
-        write_json(Path(out_dir) / f"{config.name}_metrics.json", metrics)
-    dist.barrier()
-    return CCAMResult(checkpoint, metrics)
+    return [h["loss"] for h in fit(config.name, model, loader, step, optimizer, scheduler, config.epochs,
+                                   state_path, device, progress, before_epoch)]
+
+
+class _FeatureViews(torch.utils.data.Dataset):
+    """Backbone features of each image and of its mirror image; an item is one of the two, drawn from torch's
+    RNG (whose state the epoch loop saves, so a resumed run draws the same)."""
+
+    def __init__(self, views: torch.Tensor):
+        self.views = views  # (N, 2, C, h, w), float16 to halve the memory
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"features": self.views[index, int(torch.randint(2, ()))].float()}
+
+
+@torch.no_grad()
+def backbone_features(model: CCAM, dataset, image_size: int, mean, std, device, batch_size: int = 16,
+                      progress: ProgressFn = no_progress) -> torch.Tensor:
+    """(N, 2, C, h, w) features of every image as the map sees it (resized to `image_size`) and mirrored."""
+    model.backbone.eval()
+    views = []
+    loader = eval_loader(dataset, image_size, mean, std, batch_size)
+    for batch in progress(loader, total=len(loader), description="ccam features"):
+        images = batch["image"].to(device)
+        with autocast(device):
+            pair = [model.features(images), model.features(images.flip(-1))]
+        views.append(torch.stack(pair, 1).half().cpu())
+    return torch.cat(views)
+
+
+def _train_head_on_features(config: CCAMConfig, model: CCAM, dataset, mean, std, criterion, device, seed,
+                            state_path, progress):
+    """The head alone on features computed once: each step costs a 3x3 convolution instead of a backbone."""
+    model.backbone.requires_grad_(False)
+    views = backbone_features(model, dataset, config.image_size, mean, std, device, config.batch_size, progress)
+    loader = training_loader(_FeatureViews(views), config.batch_size, 0, seed)
+    optimizer = _optimizer(config, [(model.head, config.lr * config.head_lr_scale)])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(config.epochs * len(loader)))
+
+    def step(head, batch):
+        fg, bg, _ = head(batch["features"].to(device))
+        return criterion(fg.float(), bg.float())[0]
+
+    return [h["loss"] for h in fit(config.name, model.head, loader, step, optimizer, scheduler, config.epochs,
+                                   state_path, device, progress)]
 
 
 def save_ccam(path: Path, model: CCAM, config: CCAMConfig, mean, std) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from wsseg.config_schema import BackboneConfig, ClassifierConfig
-from wsseg.data import create_dataset
+from wsseg.data import DatasetCatalog
 from wsseg.data.base import SegmentationDataset
 from wsseg.data.transforms import TorchDataset, train_transform
 from wsseg.device import autocast, batch_to, seed_everything
@@ -86,17 +86,19 @@ def evaluate_classifier(probs: np.ndarray, labels: np.ndarray, positive_index: i
 
 
 def train_classifier(config: ClassifierConfig, backbone: BackboneConfig, out_dir: Path, device: torch.device,
-                     data_root: Optional[Path] = None, seed: int = 0,
+                     datasets: Optional[DatasetCatalog] = None, seed: int = 0,
                      progress: ProgressFn = no_progress, state_tag: str = "") -> ClassifierResult:
     """Train on `config.train` (several datasets alternate epoch by epoch, or with `schedule: concat` are
     read as one set), keep the last checkpoint.
 
-    Returns the checkpoint path and held-out metrics (accuracy, ROC AUC) when `config.val` is set.
+    Returns the checkpoint path and held-out metrics (accuracy, ROC AUC) when `config.val` is set. The
+    datasets come from `datasets`, the run's catalog (default: one reading relative roots below ./data).
     """
     seed_everything(seed)
     backbone = config.backbone or backbone
     out_dir = Path(out_dir)
-    train_sets = [create_dataset(d, data_root, key=f"classifier.train.{i}") for i, d in enumerate(config.train)]
+    datasets = datasets or DatasetCatalog()
+    train_sets = [datasets.get(d, f"classifier.train.{i}") for i, d in enumerate(config.train)]
     if not train_sets:
         raise DataError("classifier.train: no training dataset given")
     classes = train_sets[0].classes
@@ -137,7 +139,7 @@ def train_classifier(config: ClassifierConfig, backbone: BackboneConfig, out_dir
         save_classifier(checkpoint, model, meta, {"loss_history": history})
     metrics: Dict[str, float] = {"final_loss": history[-1] if history else float("nan")}
     if config.val is not None and dist.is_main():
-        val = create_dataset(config.val, data_root, key="classifier.val")
+        val = datasets.get(config.val, "classifier.val")
         probs = predict_probabilities(model, val, meta, device, config.batch_size, progress, config.num_workers)
         metrics.update(evaluate_classifier(probs, val.labels, meta.positive_index))
         log.info("classifier on %s: accuracy %.4f, ROC AUC %.4f", val.describe(), metrics["accuracy"],

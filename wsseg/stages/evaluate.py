@@ -28,7 +28,7 @@ def evaluate_mask_dir(method: str, mask_dir: Path, dataset: SegmentationDataset,
         if pred.shape != target.shape:
             raise DataError(f"{Path(mask_dir) / (stem + '.png')}: mask is {pred.shape} but ground truth is {target.shape}")
         stems.append(stem)
-        confusions.append(confusion(pred, target))
+        confusions.append(confusion(pred, target, dataset.load_ignore(i)))
     rows = per_image_rows(method, stems, confusions)
     return rows, summarise(rows)
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from wsseg.data.base import SegmentationDataset
 from wsseg.data.io import write_mask_png
+from wsseg.errors import about
 from wsseg.metrics import confusion, scores
 from wsseg.progress import ProgressFn, no_progress
 from wsseg.refine import needs_image, needs_source_map, refine_map, threshold_and_clean
@@ -54,6 +55,16 @@ class MaskRule:
 
     def refined(self, dataset: SegmentationDataset, index: int, map_dirs: Dict[str, Path]) -> RefinedMap:
         """The refined map at the image's size, before thresholding, with what the mask steps need."""
+        with about(image=lambda: dataset.image_name(index)):
+            return self._refined(dataset, index, map_dirs)
+
+    def apply(self, dataset: SegmentationDataset, index: int, map_dirs: Dict[str, Path]) -> Tuple[RefinedMap, np.ndarray]:
+        """The refined map and the mask of one image; an error on the way names the image."""
+        with about(image=lambda: dataset.image_name(index)):
+            refined = self.refined(dataset, index, map_dirs)
+            return refined, self.mask(refined)
+
+    def _refined(self, dataset: SegmentationDataset, index: int, map_dirs: Dict[str, Path]) -> RefinedMap:
         stem = dataset.records[index].stem
         height, width = dataset.image_size(index)
         maps = {name: resize_map(load_map(Path(map_dirs[name]) / f"{stem}.npy"), height, width)
@@ -76,7 +87,7 @@ def write_rule_masks(rule: MaskRule, dataset: SegmentationDataset, map_dirs: Dic
     out_dir = Path(out_dir)
     indices = list(range(len(dataset))) if indices is None else list(indices)
     for i in progress(indices, total=len(indices), description=description):
-        write_mask_png(out_dir / f"{dataset.records[i].stem}.png", rule.mask(rule.refined(dataset, i, map_dirs)))
+        write_mask_png(out_dir / f"{dataset.records[i].stem}.png", rule.apply(dataset, i, map_dirs)[1])
     return out_dir
 
 

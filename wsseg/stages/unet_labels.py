@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from wsseg.data.base import SegmentationDataset
+from wsseg.errors import about
 from wsseg.refine import needs_image, refine_map, threshold_and_clean
 from wsseg.stages.pseudo_masks import MaskRule
 
@@ -19,8 +20,8 @@ IGNORE = 255
 
 
 def _is_negative(dataset: SegmentationDataset, index: int) -> bool:
-    """The image label says there is nothing to find: its mask is empty whatever a map shows."""
-    return dataset.records[index].label != dataset.positive_index
+    """The image's class is object-free: its mask is empty whatever a map shows."""
+    return not dataset.holds_object(index)
 
 
 def pseudo_mask_source(dataset: SegmentationDataset, rule: Optional[MaskRule] = None,
@@ -28,20 +29,24 @@ def pseudo_mask_source(dataset: SegmentationDataset, rule: Optional[MaskRule] = 
                        ignore_band: Optional[List[float]] = None,
                        cache_dir: Optional[Path] = None) -> Callable[[int], np.ndarray]:
     """index -> uint8 mask (0/1, 255 = ignored) from saved maps through `rule`, or the real masks when
-    `rule` is None. Images whose image-level label is negative get an empty mask whatever their map shows.
+    `rule` is None. Images of an object-free class get an empty mask whatever their map shows.
 
     With `cache_dir`, each mask is computed once and kept as `<index>.png`: refinements such as the dense
     CRF need the full-size image and would otherwise run again every epoch. The folder must be specific
     to the rule (the runner names it by the rule's fingerprint).
     """
     def from_ground_truth(index: int) -> np.ndarray:
-        return dataset.load_mask(index).astype(np.uint8)
+        mask = dataset.load_mask(index).astype(np.uint8)
+        ignore = dataset.load_ignore(index)
+        if ignore is not None:
+            mask[ignore] = IGNORE
+        return mask
 
     def compute(index: int) -> np.ndarray:
         if _is_negative(dataset, index):
             return np.zeros(dataset.image_size(index), np.uint8)
-        refined = rule.refined(dataset, index, map_dirs)
-        mask = rule.mask(refined).astype(np.uint8)
+        refined, mask = rule.apply(dataset, index, map_dirs)
+        mask = mask.astype(np.uint8)
         if ignore_band is not None:
             activation = refined.activation
             mask[(activation >= ignore_band[0]) & (activation < ignore_band[1])] = IGNORE
@@ -96,8 +101,9 @@ def refined_mask(prob: np.ndarray, dataset: SegmentationDataset, index: int, ref
     """A U-Net probability (at the image's size) through `refine` steps and `threshold`: a boolean mask."""
     if not refine:
         return prob >= threshold
-    image = dataset.load_image(index) if needs_image(refine) else None
-    return threshold_and_clean(refine_map(prob, image, refine), refine, threshold, "fixed", image, prob) > 0
+    with about(image=lambda: dataset.image_name(index)):
+        image = dataset.load_image(index) if needs_image(refine) else None
+        return threshold_and_clean(refine_map(prob, image, refine), refine, threshold, "fixed", image, prob) > 0
 
 
 __all__ = ["IGNORE", "cached_masks", "confident_mask_source", "pseudo_mask_source", "refined_mask"]
