@@ -128,7 +128,7 @@ def test_the_process_group_follows_the_runs_device_not_the_machine(monkeypatch):
 def _resume_overrides():
     """Small, but with a classifier long enough to be killed in the middle of it."""
     return [o for o in tiny_demo_overrides(("gradcam",)) if not o.startswith("classifier.epochs")] + [
-        "classifier.epochs=8", "classifier.train.0.options.n=96", "seed=3", "segment.masks=gradcam",
+        "classifier.epochs=5", "classifier.train.0.options.n=64", "seed=3", "segment.masks=gradcam",
         "pseudo_masks.variants=[]", "export=null"]
 
 
@@ -153,7 +153,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     proc.wait()
     assert not (killed / "metrics.json").exists()
     epoch_at_kill = torch.load(states[0], weights_only=False)["epoch"]
-    assert 2 <= epoch_at_kill < 8
+    assert 2 <= epoch_at_kill < 5
     result = subprocess.run(_wsseg("-v", "recipe", "run", "--resume", str(killed)), env=env, capture_output=True,
                             text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
