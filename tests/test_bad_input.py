@@ -230,3 +230,19 @@ def test_an_unexpected_crash_names_stage_image_and_the_resume_command(tmp_path, 
     monkeypatch.setitem(refine.MASK_STEPS._entries, "largest_component", real)
     assert main(["recipe", "run", "--resume", str(out), "--data-root", str(tmp_path)]) == 0
     assert "v" in json.loads((out / "metrics.json").read_text())
+
+
+def test_bench_map_quality_leaves_bad_images_out(tmp_path, capsys):
+    from wsseg.models.classifier import ClassifierMeta, build_classifier, save_classifier
+
+    checkpoint = tmp_path / "classifier.pth"
+    save_classifier(checkpoint, build_classifier(TINY_MODEL, "none", 2), ClassifierMeta(TINY_MODEL, ["bg", "obj"], 1, 64))
+    root = _masked_folder(tmp_path / "kv", 3)
+    (root / "splits").mkdir()
+    (root / "splits" / "train.txt").write_text("\n".join(p.stem for p in (root / "images").iterdir()) + "\n")
+    argv = ["bench", "map-quality", str(checkpoint), "--dataset", "kvasir_seg", "--root", str(root), "--split", "train",
+            "--n-images", "6", "--methods", "gradcam", "--sizes", "64"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert all(f"skipped {root / 'images' / name}" in err for name in BAD_FILES), err
+    assert main(argv + ["--strict"]) == 2

@@ -97,6 +97,8 @@ def _add_map_quality_parser(kinds) -> None:
     quality.add_argument("--tta-scales", type=float, nargs="+", default=[0.7, 1.0], metavar="SCALE",
                          help="input scales averaged with --tta (default: 0.7 1.0)")
     quality.add_argument("--out", type=Path, help="write the scores as JSON here")
+    quality.add_argument("--strict", action="store_true",
+                         help="stop at the first unreadable image (default: leave it out and say so)")
     quality.set_defaults(func=cmd_bench_map_quality)
 
 
@@ -112,7 +114,11 @@ def cmd_bench_map_quality(args) -> int:
     from wsseg.stages.common import write_json
 
     checkpoint = args.classifier / "checkpoints" / "classifier.pth" if args.classifier.is_dir() else args.classifier
-    dataset = create_dataset(DatasetConfig(args.dataset, args.root, args.split), args.data_root, key="--dataset")
+    skipped = {}  # a bad file costs its own score only: it is left out, with a line saying why
+    dataset = create_dataset(DatasetConfig(args.dataset, args.root, args.split), args.data_root, key="--dataset",
+                             on_bad_image="error" if args.strict else "skip", bad_images=skipped)
+    for reason in skipped.get("--dataset", []):
+        print(f"wsseg bench map-quality: skipped {reason}", file=sys.stderr)
     tta = {"off": [False], "on": [True], "both": [False, True]}[args.tta]
     candidates = [MapCandidate(m, layer, size, t, tuple(args.tta_scales))
                   for m, layer, size, t in product(args.methods, args.layers, args.sizes, tta)]
