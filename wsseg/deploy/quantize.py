@@ -148,7 +148,7 @@ def run_training_images(run_dir: Path, data_root=None):
     from wsseg.data import DatasetCatalog
 
     config = load_recipe(str(Path(run_dir) / "config.yaml"))
-    return config, DatasetCatalog(data_root, "skip").concat(config.segment.train, "segment.train")
+    return DatasetCatalog(data_root, "skip").concat(config.segment.train, "segment.train")
 
 
 def quantize_from_run(run_dir: Path, n_images: Optional[int] = None, data_root=None,
@@ -163,11 +163,12 @@ def quantize_from_run(run_dir: Path, n_images: Optional[int] = None, data_root=N
 
     run_dir = Path(run_dir)
     model_path = Path(model_path) if model_path else run_dir / "model.onnx"
-    if calibration_set is None or n_images is None:
-        config, from_config = run_training_images(run_dir, data_root)
-        calibration_set = calibration_set if calibration_set is not None else from_config
-        if n_images is None:
-            n_images = (config.export or ExportConfig()).calibration_images
+    if n_images is None:
+        from wsseg.config import load_recipe
+
+        n_images = (load_recipe(str(run_dir / "config.yaml")).export or ExportConfig()).calibration_images
+    if calibration_set is None:
+        calibration_set = run_training_images(run_dir, data_root)
     batches = calibration_batches(calibration_set, model_path, n_images)
     out = quantize_int8(model_path, model_path.with_name(model_path.stem + ".int8.onnx"), batches, keep_float)
     agreement = mask_agreement(model_path, out, batches, float(read_metadata(model_path)["threshold"]))
