@@ -340,7 +340,6 @@ class RecipeRun:
 
     def train_ccam(self, ccam_config, classifier_fp: Optional[str]) -> MapProducer:
         """Train one CCAM variant (polarity checked against the classifier's Grad-CAM when there is one)."""
-        config = self.config
         digest = fingerprint(ccam_config, self.config.backbone, self.config.seed, self.config.on_bad_image,
                              classifier_fp if ccam_config.init == "classifier" or ccam_config.polarity != "border"
                              else None)
@@ -354,7 +353,7 @@ class RecipeRun:
                 def reference(images):
                     # The class the maps explain: the positive one, or (maps.target label / predicted: pets,
                     # where both classes hold an object) the class the classifier sees in each image.
-                    if config.maps.target == "positive":
+                    if self.config.maps.target == "positive":
                         targets = [meta.positive_index] * len(images)
                     else:
                         with torch.no_grad():

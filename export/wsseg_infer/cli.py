@@ -76,7 +76,7 @@ class FolderJob:
 def segment_files(files: Sequence[Path], out: Path,
                   masks_of: Callable[[List[Path], List[np.ndarray]], List[np.ndarray]],
                   batch_size: int = 8, overlays: bool = False, strict: bool = False, skip_existing: bool = False,
-                  read: Callable[[Path], np.ndarray] = load_image, warn=None) -> FolderJob:
+                  warn=None) -> FolderJob:
     """Write `<out>/<stem>.png` (0/255) for every readable file; `masks_of(paths, images)` returns boolean
     masks at each image's size. Unreadable files are skipped with a line through `warn` (stderr by default) unless
     `strict`, which raises at the first one. `<out>/skipped.json` lists the skipped files and why."""
@@ -94,7 +94,7 @@ def segment_files(files: Sequence[Path], out: Path,
         chunk, images = [], []
         for path in pending[begin:begin + batch_size]:
             try:
-                images.append(read(path))
+                images.append(load_image(path))
                 chunk.append(path)
             except InputError as exc:
                 if strict:
@@ -130,12 +130,12 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave images whose mask is already in --out alone (continue a killed job)")
 
 
-def report(job: FolderJob, out: Path, backend: str) -> int:
+def report(job: FolderJob, out: Path, backend: str, prog: str = "wsseg-infer") -> int:
     """Print the closing summary; the exit status is non-zero when any file was skipped."""
     rate = f" ({job.written / job.seconds:.1f} images/s)" if job.written and job.seconds > 0 else ""
     print(f"{job.summary()} in {job.seconds:.2f} s{rate} on {backend}; masks in {out}")
     if job.skipped:
-        print(f"wsseg-infer: {len(job.skipped)} unreadable files skipped, listed in {out / 'skipped.json'}",
+        print(f"{prog}: {len(job.skipped)} unreadable files skipped, listed in {out / 'skipped.json'}",
               file=sys.stderr)
         return EXIT_SKIPPED
     return 0

@@ -196,7 +196,7 @@ def cmd_predict(args) -> int:
                                       warn=lambda text: print(f"wsseg predict: {text}", file=sys.stderr))
     except infer_cli.InputError as exc:
         raise WssegError(str(exc)) from None
-    return infer_cli.report(job, args.out, "torch")
+    return infer_cli.report(job, args.out, "torch", prog="wsseg predict")
 
 
 def _print_rows(title: str, rows, out) -> None:

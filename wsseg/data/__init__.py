@@ -93,8 +93,6 @@ class DatasetCatalog:
     dropped are in `skipped` under the recipe key that named it (`classifier.train.0`, `segment.train.1`, ...)."""
 
     def __init__(self, data_root: Optional[Union[str, Path]] = None, on_bad_image: str = "error"):
-        if on_bad_image not in ("error", "skip"):
-            raise ConfigError(f"on_bad_image: must be error or skip, got '{on_bad_image}'")
         self.data_root = data_root
         self.on_bad_image = on_bad_image
         self.skipped: Dict[str, List[str]] = {}

@@ -19,11 +19,6 @@ from wsseg.stages.pseudo_masks import MaskRule
 IGNORE = 255
 
 
-def _is_negative(dataset: SegmentationDataset, index: int) -> bool:
-    """The image's class is object-free: its mask is empty whatever a map shows."""
-    return not dataset.holds_object(index)
-
-
 def pseudo_mask_source(dataset: SegmentationDataset, rule: Optional[MaskRule] = None,
                        map_dirs: Optional[Dict[str, Path]] = None,
                        ignore_band: Optional[List[float]] = None,
@@ -43,7 +38,7 @@ def pseudo_mask_source(dataset: SegmentationDataset, rule: Optional[MaskRule] = 
         return mask
 
     def compute(index: int) -> np.ndarray:
-        if _is_negative(dataset, index):
+        if not dataset.holds_object(index):
             return np.zeros(dataset.image_size(index), np.uint8)
         refined, mask = rule.apply(dataset, index, map_dirs)
         mask = mask.astype(np.uint8)
@@ -85,7 +80,7 @@ def confident_mask_source(dataset: SegmentationDataset, prob_dir: Path, band: Li
     inside `band` ignored."""
     def compute(index: int) -> np.ndarray:
         height, width = dataset.image_size(index)
-        if _is_negative(dataset, index):
+        if not dataset.holds_object(index):
             return np.zeros((height, width), np.uint8)
         saved = np.load(Path(prob_dir) / f"{dataset.records[index].stem}.npy").astype(np.float32)
         prob = cv2.resize(saved, (width, height), interpolation=cv2.INTER_LINEAR)
