@@ -199,5 +199,5 @@ def test_head_only_training_leaves_the_backbone_as_initialised(tmp_path):
 def test_ccam_optimizer_is_validated():
     from wsseg.config import load_recipe
 
-    with pytest.raises(ConfigError, match=r"ccam.0.optimizer: must be one of sgd, adam, got 'lbfgs'"):
+    with pytest.raises(ConfigError, match=r"ccam.0.optimizer: must be sgd or adam, got 'lbfgs'"):
         load_recipe("demo", ["ccam.0.optimizer=lbfgs"])

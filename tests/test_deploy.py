@@ -349,7 +349,7 @@ def test_self_training_labels_refined_band_ignored_and_cached(tmp_path):
     refined = refined_source(positive)
     assert refined[21, 21] == 0 and refined[5, 5] == 1 and refined[5, 12] == 1  # empty band: nothing ignored
     assert not refined_source(negative).any()
-    cached = cache / f"{positive:06d}.png"
+    cached = cache / f"{dataset.records[positive].stem}.png"  # keyed by image stem, as maps and masks are
     assert cached.is_file()
     cv2.imwrite(str(cached), np.zeros_like(refined))  # a second call reads the cache, not the maps
     assert not refined_source(positive).any()
@@ -390,7 +390,7 @@ def test_pseudo_mask_source_computes_each_mask_once_with_a_cache(tmp_path):
         np.save(maps / f"{record.stem}.npy", ramp.astype(np.float16))
     source = pseudo_mask_source(dataset, MaskRule("m", 0.5), {"m": maps}, [0.4, 0.6], cache_dir=cache)
     first = [source(i) for i in range(len(dataset))]
-    assert sorted(p.name for p in cache.iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{r.stem}.png" for r in dataset.records)
     for record in dataset.records:  # the maps change, but the cached masks are what later epochs see
         np.save(maps / f"{record.stem}.npy", (1 - ramp).astype(np.float16))
     again = pseudo_mask_source(dataset, MaskRule("m", 0.5), {"m": maps}, [0.4, 0.6], cache_dir=cache)

@@ -108,11 +108,11 @@ def test_variant_validation_names_the_key():
                                           "predict": {"size": 100, "threshold": 1.5, "threshold_mode": "otsu"},
                                           "self_training_predict": {"size": 100, "threshold": 0.3}}})
     assert "segment.ignore_band: expected [low, high]" in str(err.value) and "confident_band" not in str(err.value)
-    assert "segment.self_training_init: must be one of fresh, previous, got 'last'" in str(err.value)
+    assert "segment.self_training_init: must be fresh or previous, got 'last'" in str(err.value)
     assert "segment.self_training_epochs: at least 1" in str(err.value)
     assert "segment.predict.size: the U-Net downsamples 5 times, so it must be a multiple of 32" in str(err.value)
     assert "segment.predict.threshold: must lie in [0, 1]" in str(err.value)
-    assert "segment.predict.threshold_mode: must be one of fixed, calibrated, got 'otsu'" in str(err.value)
+    assert "segment.predict.threshold_mode: must be fixed or calibrated, got 'otsu'" in str(err.value)
     assert "segment.self_training_predict.size: the U-Net downsamples 5 times" in str(err.value)
     assert "segment.self_training_predict: the labels' threshold is segment.threshold" in str(err.value)
     with pytest.raises(ConfigError) as err:

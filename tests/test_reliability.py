@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import TINY_MODEL, tiny_demo_overrides
 from wsseg.cli.main import main
-from wsseg.config_schema import BackboneConfig, ClassifierConfig, DatasetConfig
+from wsseg.config_schema import BackboneConfig, ClassifierConfig, DatasetConfig, RecipeConfig
 from wsseg.data import create_dataset
 from wsseg.data.io import read_binary_mask
 from wsseg.deploy.onnx_export import read_metadata
@@ -173,16 +173,16 @@ def test_resume_skips_finished_stages(tmp_path, capsys):
     first = json.loads((out / "metrics.json").read_text())
     assert main(["recipe", "run", "--resume", str(out)]) == 0
     second = json.loads((out / "metrics.json").read_text())
-    assert {"classifier", "maps_gradcam", "masks_gradcam", "unet"} <= set(second["resumed_skipped_stages"])
+    assert {"classifier", "maps_gradcam", "masks_gradcam", "unet_round0", "unet_round1"} <= set(second["resumed_skipped_stages"])
     assert second["gradcam"]["dice"] == first["gradcam"]["dice"]
     # A changed stage config runs that stage again.
     assert main(["recipe", "run", "--resume", str(out), "segment.epochs=2"]) == 0
     third = json.loads((out / "metrics.json").read_text())
-    assert "unet" not in third["resumed_skipped_stages"] and "classifier" in third["resumed_skipped_stages"]
+    assert "unet_round0" not in third["resumed_skipped_stages"] and "classifier" in third["resumed_skipped_stages"]
     # Maps made another way are other training masks: the U-Net trains again, not only the maps.
     assert main(["recipe", "run", "--resume", str(out), "segment.epochs=2", "maps.tta.hflip=true"]) == 0
     fourth = json.loads((out / "metrics.json").read_text())
-    assert "unet" not in fourth["resumed_skipped_stages"] and "classifier" in fourth["resumed_skipped_stages"]
+    assert "unet_round0" not in fourth["resumed_skipped_stages"] and "classifier" in fourth["resumed_skipped_stages"]
     assert "masks_gradcam" not in fourth["resumed_skipped_stages"]  # the pseudo-masks of the new maps
 
 
@@ -196,7 +196,7 @@ def test_adding_a_self_training_round_reuses_the_finished_unet(tmp_path):
     assert main(["recipe", "run", "--resume", str(out), "segment.self_training_rounds=1"]) == 0
     second = json.loads((out / "metrics.json").read_text())
     # Round 0 of the longer run is the finished U-Net: reused, not trained again; round 1 is new.
-    assert "unet_round0" in second["resumed_skipped_stages"] and "unet" not in second["resumed_skipped_stages"]
+    assert "unet_round0" in second["resumed_skipped_stages"] and "unet_round1" not in second["resumed_skipped_stages"]
     assert (out / "checkpoints" / "unet_round0.pth").read_bytes() == first_unet
     assert second["unet_round0"]["dice"] == first["unet"]["dice"]
     assert (out / "checkpoints" / "unet.pth").read_bytes() != first_unet
@@ -221,20 +221,20 @@ def test_a_moved_run_resumes_and_self_training_refines_its_labels(tmp_path, monk
     for path in labels[0].glob("*.png"):  # one object per image after largest_component
         mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         assert cv2.connectedComponents((mask == 1).astype(np.uint8))[0] <= 2
-    record = json.loads((moved / "stages" / "unet.json").read_text())
-    assert record["result"]["checkpoint"] == "{run}/checkpoints/unet.pth"
+    record = json.loads((moved / "stages" / "unet_round1.json").read_text())
+    assert record["result"]["checkpoint"] == "{run}/checkpoints/unet_round1.pth"
     # A refinement of the U-Net's own output is a different next round: trained again, round 0 kept.
     assert main(["recipe", "run", "--resume", "run_copy", "segment.self_training_rounds=1",
                  "segment.self_training_refine=[{name: fill_holes}]"]) == 0
     third = json.loads((moved / "metrics.json").read_text())
-    assert "unet_round0" in third["resumed_skipped_stages"] and "unet" not in third["resumed_skipped_stages"]
+    assert "unet_round0" in third["resumed_skipped_stages"] and "unet_round1" not in third["resumed_skipped_stages"]
     # Fine-tuning round 0 for its own number of epochs is another round too; round 0 is still reused.
     assert main(["recipe", "run", "--resume", "run_copy", "segment.self_training_rounds=1",
                  "segment.self_training_refine=[{name: fill_holes}]", "segment.self_training_init=previous",
                  "segment.self_training_epochs=2"]) == 0
     fourth = json.loads((moved / "metrics.json").read_text())
-    assert "unet_round0" in fourth["resumed_skipped_stages"] and "unet" not in fourth["resumed_skipped_stages"]
-    assert len(json.loads((moved / "checkpoints" / "unet_history.json").read_text())) == 2  # round 0 had 1
+    assert "unet_round0" in fourth["resumed_skipped_stages"] and "unet_round1" not in fourth["resumed_skipped_stages"]
+    assert len(json.loads((moved / "checkpoints" / "unet_round1_history.json").read_text())) == 2  # round 0 had 1
 
 
 def test_how_the_unet_predicts_reuses_it_and_reaches_its_checkpoint_and_export(tmp_path):
@@ -246,7 +246,7 @@ def test_how_the_unet_predicts_reuses_it_and_reaches_its_checkpoint_and_export(t
     predict = ["segment.predict.size=96", "segment.predict.hflip=true", "segment.predict.vflip=true"]
     assert main(["recipe", "run", "--resume", str(out), *predict]) == 0
     second = json.loads((out / "metrics.json").read_text())
-    assert "unet" in second["resumed_skipped_stages"]  # prediction is not training: the U-Net is reused
+    assert "unet_round0" in second["resumed_skipped_stages"]  # prediction is not training: the U-Net is reused
     model, meta = load_segmenter(out / "checkpoints" / "unet.pth")
     assert all(torch.equal(v, first_weights[k]) for k, v in model.state_dict().items())
     assert (meta.input_size, meta.image_size, meta.flips) == (96, 64, ["hflip", "vflip"])
@@ -255,15 +255,15 @@ def test_how_the_unet_predicts_reuses_it_and_reaches_its_checkpoint_and_export(t
     # A self-training round learns from how round 0 predicts: labels (and round 1) change with it, round 0 not.
     assert main(["recipe", "run", "--resume", str(out), *predict, "segment.self_training_rounds=1"]) == 0
     third = json.loads((out / "metrics.json").read_text())
-    assert "unet_round0" in third["resumed_skipped_stages"] and "unet" not in third["resumed_skipped_stages"]
+    assert "unet_round0" in third["resumed_skipped_stages"] and "unet_round1" not in third["resumed_skipped_stages"]
     assert main(["recipe", "run", "--resume", str(out), "segment.predict.vflip=false"]) == 0  # resume keeps the rest
     fourth = json.loads((out / "metrics.json").read_text())
-    assert "unet_round0" in fourth["resumed_skipped_stages"] and "unet" not in fourth["resumed_skipped_stages"]
+    assert "unet_round0" in fourth["resumed_skipped_stages"] and "unet_round1" not in fourth["resumed_skipped_stages"]
     assert "unet_round0_probabilities" not in fourth["resumed_skipped_stages"]
     assert len(list((out / "train_masks").glob("unet_round0-*"))) == 2
     assert main(["recipe", "run", "--resume", str(out)]) == 0  # nothing changed: round 0's predictions reused too
     fifth = json.loads((out / "metrics.json").read_text())
-    assert {"unet_round0", "unet_round0_probabilities", "unet"} <= set(fifth["resumed_skipped_stages"])
+    assert {"unet_round0", "unet_round0_probabilities", "unet_round1"} <= set(fifth["resumed_skipped_stages"])
 
 
 def test_a_calibrated_mask_threshold_reaches_checkpoint_and_export_and_retrains_nothing(tmp_path):
@@ -276,7 +276,7 @@ def test_a_calibrated_mask_threshold_reaches_checkpoint_and_export_and_retrains_
                  "pseudo_masks.calibrate.grid=[0.05, 0.3, 0.6, 0.95]"]) == 0
     second = json.loads((out / "metrics.json").read_text())
     # The threshold of a U-Net's masks is neither its training nor its round's labels: all reused.
-    assert {"unet_round0", "unet_round0_probabilities", "unet"} <= set(second["resumed_skipped_stages"])
+    assert {"unet_round0", "unet_round0_probabilities", "unet_round1"} <= set(second["resumed_skipped_stages"])
     assert len(list((out / "train_masks").glob("unet_round0-*"))) == 1
     for name in ("unet_round0", "unet"):
         calibration = second["calibration"][name]
@@ -292,7 +292,7 @@ def test_a_calibrated_mask_threshold_reaches_checkpoint_and_export_and_retrains_
     assert load_segmenter(out / "checkpoints" / "unet.pth")[1].threshold == 0.95
     assert float(read_metadata(out / "model.onnx")["threshold"]) == 0.95
     third = json.loads((out / "metrics.json").read_text())
-    assert {"unet_round0", "unet_round0_probabilities", "unet"} <= set(third["resumed_skipped_stages"])
+    assert {"unet_round0", "unet_round0_probabilities", "unet_round1"} <= set(third["resumed_skipped_stages"])
     high_masks = {p.name: read_binary_mask(p) for p in (out / "masks" / "unet").glob("*.png")}
     assert calibrated_masks and high_masks.keys() == calibrated_masks.keys()
     assert all((high_masks[k] <= calibrated_masks[k]).all() for k in high_masks)  # a higher threshold marks less
@@ -311,7 +311,7 @@ def test_masks_can_predict_otherwise_than_the_self_training_labels(tmp_path):
     assert main(["recipe", "run", "--resume", str(out), "segment.self_training_predict={size: 96, hflip: true}",
                  "segment.predict.size=64", "segment.predict.hflip=false"]) == 0
     second = json.loads((out / "metrics.json").read_text())
-    assert {"unet_round0", "unet_round0_probabilities", "unet"} <= set(second["resumed_skipped_stages"])
+    assert {"unet_round0", "unet_round0_probabilities", "unet_round1"} <= set(second["resumed_skipped_stages"])
     assert len(list((out / "train_masks").glob("unet_round0-*"))) == 1  # the same labels
     assert second["unet_round0_refined"] == first["unet_round0_refined"]  # made on val as before, too
     meta = load_segmenter(out / "checkpoints" / "unet.pth")[1]
@@ -320,7 +320,7 @@ def test_masks_can_predict_otherwise_than_the_self_training_labels(tmp_path):
 
 
 def test_fitted_maps_learn_from_maps_fit_dataset_and_refit_when_it_changes(tmp_path, monkeypatch):
-    import wsseg.runner
+    import wsseg.pipeline.masks
 
     fitted = []
 
@@ -329,8 +329,8 @@ def test_fitted_maps_learn_from_maps_fit_dataset_and_refit_when_it_changes(tmp_p
         fitted.append((dataset.split, len(indices)))
         return original(method, dataset, indices, *args, **kwargs)
 
-    original = wsseg.runner.fit_map_method
-    monkeypatch.setattr(wsseg.runner, "fit_map_method", recording_fit)
+    original = wsseg.pipeline.masks.fit_map_method
+    monkeypatch.setattr(wsseg.pipeline.masks, "fit_map_method", recording_fit)
     out = tmp_path / "run"
     fit_set = "{name: synthetic, split: fitset, options: {n: 10, size: 64}}"
     overrides = tiny_demo_overrides(("gradcam", "dff")) + [
@@ -349,21 +349,38 @@ def test_fitted_maps_learn_from_maps_fit_dataset_and_refit_when_it_changes(tmp_p
     assert "classifier" in skipped and "maps_gradcam" not in skipped  # fingerprint changed: maps rerun
 
 
-def test_fingerprint_ignores_options_left_at_their_defaults():
-    from dataclasses import field, make_dataclass
+def test_fingerprint_counts_every_value_and_the_cache_format():
+    from wsseg.pipeline import executor
+    from wsseg.pipeline.executor import fingerprint
 
-    from wsseg.runner import fingerprint
+    assert fingerprint(ClassifierConfig(), 0) == fingerprint(ClassifierConfig(), 0)
+    assert fingerprint(ClassifierConfig(schedule="concat"), 0) != fingerprint(ClassifierConfig(), 0)
+    assert fingerprint(ClassifierConfig(), 1) != fingerprint(ClassifierConfig(), 0)
+    nested = RecipeConfig(name="a")
+    changed = RecipeConfig(name="a")
+    changed.maps.tta.scales = [1.0, 1.5]
+    assert fingerprint(nested) != fingerprint(changed)
+    before = fingerprint(ClassifierConfig())
+    executor.CACHE_FORMAT += 1
+    try:
+        assert fingerprint(ClassifierConfig()) != before  # another cache format: every stage runs again
+    finally:
+        executor.CACHE_FORMAT -= 1
 
-    older = make_dataclass("Section", [("epochs", int, field(default=1)), ("train", list, field(default_factory=list))])
-    newer = make_dataclass("Section", [("epochs", int, field(default=1)), ("train", list, field(default_factory=list)),
-                                       ("schedule", str, field(default="alternate"))])
-    # A run written before an option existed resumes under the version that adds it...
-    assert fingerprint(older(epochs=3), 0) == fingerprint(newer(epochs=3), 0)
-    assert fingerprint([older(train=[older()])]) == fingerprint([newer(train=[newer()])])
-    # ...while every change of value, new option or old, still counts.
-    assert fingerprint(newer(epochs=3, schedule="concat"), 0) != fingerprint(newer(epochs=3), 0)
-    assert fingerprint(newer(train=[newer(epochs=2)])) != fingerprint(newer(train=[newer()]))
-    assert fingerprint(ClassifierConfig(schedule="concat")) != fingerprint(ClassifierConfig())
+
+def test_a_stage_recorded_by_another_wsseg_version_runs_again_and_says_why(tmp_path):
+    out = tmp_path / "run"
+    overrides = tiny_demo_overrides(("gradcam",)) + ["segment=null", "export.enabled=false",
+                                                     "pseudo_masks.variants=[]"]
+    assert main(["recipe", "run", "demo", "--out", str(out), *overrides]) == 0
+    record_path = out / "stages" / "classifier.json"
+    record = json.loads(record_path.read_text())
+    del record["format"]  # as an older wsseg wrote it
+    record_path.write_text(json.dumps(record))
+    assert main(["recipe", "run", "--resume", str(out)]) == 0
+    skipped = json.loads((out / "metrics.json").read_text())["resumed_skipped_stages"]
+    assert "classifier" not in skipped and "maps_gradcam" in skipped
+    assert "stage classifier: recorded by another wsseg version (cache format 1, now" in (out / "run.log").read_text()
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -541,7 +558,7 @@ def test_unet_encoder_from_the_trained_classifier(tmp_path, monkeypatch):
     # Another classifier is another starting point: the U-Net trains again on the same maps.
     assert main(["recipe", "run", "--resume", str(out), "classifier.epochs=2"]) == 0
     skipped = json.loads((out / "metrics.json").read_text()).get("resumed_skipped_stages", [])
-    assert "maps_ccam" in skipped and "classifier" not in skipped and "unet" not in skipped and len(built) == 2
+    assert "maps_ccam" in skipped and "classifier" not in skipped and not {"unet_round0", "unet_round1"} & set(skipped) and len(built) == 2
 
 
 def test_unet_encoder_from_the_classifier_needs_its_backbone():

@@ -10,8 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from wsseg.config_schema import (CCAM_OPTIMIZERS, CLASSIFIER_SCHEDULES, CLASSIFIER_WEIGHTS, PREDICT_THRESHOLD_MODES,
-                                 SELF_TRAINING_INITS, RecipeConfig, unet_size_problems)
+from wsseg.config_schema import CLASSIFIER_WEIGHTS, RecipeConfig, unet_size_problems
 from wsseg.errors import ConfigError, UnknownNameError
 
 _MISSING = object()
@@ -21,10 +20,23 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+class ValueProblem(str):
+    """A value outside its field's allowed ones: the recipe is still complete, unlike a wrong type."""
+
+
+def _one_of(values: Sequence[Any]) -> str:
+    names = [str(v) for v in values]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def _convert(value: Any, tp: Any, path: str, errors: List[str]) -> Any:
     """Check `value` against type `tp`, building nested dataclasses; append problems to `errors`."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is typing.Literal:
+        if value not in args:
+            errors.append(ValueProblem(f"{path}: must be {_one_of(args)}, got {value!r}"))
+        return value  # kept, so that the checks across sections still run and every problem is listed at once
     if origin is Union:
         if value is None and type(None) in args:
             return None
@@ -80,7 +92,8 @@ def parse_recipe(data: Dict[str, Any], source: Optional[str] = None) -> RecipeCo
         raise ConfigError(f"top level: expected a mapping, got {type(data).__name__}", source)
     errors: List[str] = []
     config = _build(RecipeConfig, data, "", errors)
-    errors.extend(_semantic_problems(config) if not errors else [])
+    if not any(not isinstance(e, ValueProblem) for e in errors):
+        errors.extend(_semantic_problems(config))
     if errors:
         raise ConfigError(errors, source)
     return config
@@ -101,22 +114,11 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
         datasets += [(f"classifier.train.{i}", d) for i, d in enumerate(config.classifier.train)]
         if config.classifier.val is not None:
             datasets.append(("classifier.val", config.classifier.val))
-        if config.classifier.schedule not in CLASSIFIER_SCHEDULES:
-            problems.append(f"classifier.schedule: must be {' or '.join(CLASSIFIER_SCHEDULES)}, "
-                            f"got '{config.classifier.schedule}'")
     ccam_names = [c.name for c in config.ccam]
     for i, c in enumerate(config.ccam):
         datasets += [(f"ccam.{i}.train.{j}", d) for j, d in enumerate(c.train)]
-        if c.init not in ("imagenet", "classifier"):
-            problems.append(f"ccam.{i}.init: must be imagenet or classifier, got '{c.init}'")
         if c.init == "classifier" and config.classifier is None:
             problems.append(f"ccam.{i}.init: 'classifier' needs a classifier section")
-        if c.polarity not in ("auto", "border", "classifier", "none", "inverted"):
-            problems.append(f"ccam.{i}.polarity: must be auto, border, classifier, none or inverted, got '{c.polarity}'")
-        if c.inference_backend not in ("torch", "onnx"):
-            problems.append(f"ccam.{i}.inference_backend: must be torch or onnx, got '{c.inference_backend}'")
-        if c.optimizer not in CCAM_OPTIMIZERS:
-            problems.append(f"ccam.{i}.optimizer: must be one of {', '.join(CCAM_OPTIMIZERS)}, got '{c.optimizer}'")
         if c.name in list_map_methods():
             problems.append(f"ccam.{i}.name: '{c.name}' is a classifier map method; pick another name")
         if not c.train:
@@ -133,8 +135,6 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             problems.append(f"{key}.source: '{v.source}' is not one of maps.methods ({', '.join(config.maps.methods)})")
         if v.name in config.maps.methods or not v.name:
             problems.append(f"{key}.name: '{v.name}' must be a new, non-empty name")
-        if v.threshold_mode not in ("fixed", "otsu", "calibrated"):
-            problems.append(f"{key}.threshold_mode: must be fixed, otsu or calibrated, got '{v.threshold_mode}'")
         if v.threshold_mode == "calibrated" and (config.pseudo_masks.calibrate is None
                                                  or config.pseudo_masks.calibrate.dataset is None):
             problems.append(f"{key}.threshold_mode: calibrated needs pseudo_masks.calibrate.dataset")
@@ -159,9 +159,6 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             if step.other is not None:
                 problems.append(f"segment.self_training_refine.{j}.other: a self-training round has only the "
                                 f"U-Net's probabilities, no second map")
-        if config.segment.self_training_init not in SELF_TRAINING_INITS:
-            problems.append(f"segment.self_training_init: must be one of {', '.join(SELF_TRAINING_INITS)}"
-                            f", got '{config.segment.self_training_init}'")
         epochs = config.segment.self_training_epochs
         if epochs is not None and epochs < 1:
             problems.append(f"segment.self_training_epochs: at least 1 (or null: segment.epochs), got {epochs}")
@@ -186,9 +183,6 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
         if predict.threshold is not None and not 0.0 <= predict.threshold <= 1.0:
             problems.append(f"segment.predict.threshold: must lie in [0, 1] (or null: segment.threshold), "
                             f"got {predict.threshold}")
-        if predict.threshold_mode not in PREDICT_THRESHOLD_MODES:
-            problems.append(f"segment.predict.threshold_mode: must be one of {', '.join(PREDICT_THRESHOLD_MODES)}, "
-                            f"got '{predict.threshold_mode}'")
         calibrate = config.pseudo_masks.calibrate
         if predict.threshold_mode == "calibrated" and (calibrate is None or calibrate.dataset is None):
             problems.append("segment.predict.threshold_mode: 'calibrated' needs pseudo_masks.calibrate.dataset "
@@ -226,10 +220,6 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             problems.append(
                 f"evaluate.references.{i}: unknown producer '{r}' (valid: {', '.join(list_reference_producers())})"
             )
-    if config.on_bad_image not in ("error", "skip"):
-        problems.append(f"on_bad_image: must be error or skip, got '{config.on_bad_image}'")
-    if config.maps.target not in ("positive", "label", "predicted"):
-        problems.append(f"maps.target: must be positive, label or predicted, got '{config.maps.target}'")
     if not 0.0 <= config.pseudo_masks.threshold <= 1.0:
         problems.append(f"pseudo_masks.threshold: must lie in [0, 1], got {config.pseudo_masks.threshold}")
     return problems

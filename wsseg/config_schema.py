@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional, get_args
 
 
 @dataclass
@@ -25,10 +25,18 @@ class DatasetConfig:
     options: Dict[str, Any] = field(default_factory=dict)
 
 
-CLASSIFIER_SCHEDULES = ("alternate", "concat")
-SELF_TRAINING_INITS = ("fresh", "previous")  # segment.self_training_init
-PREDICT_THRESHOLD_MODES = ("fixed", "calibrated")  # segment.predict.threshold_mode
-CCAM_OPTIMIZERS = ("sgd", "adam")  # ccam.optimizer
+# The allowed values of a field are its type: the loader (wsseg.config) refuses anything else, naming the key.
+ClassifierSchedule = Literal["alternate", "concat"]
+MapTarget = Literal["positive", "label", "predicted"]  # the class each map explains
+CCAMInit = Literal["imagenet", "classifier"]
+CCAMOptimizer = Literal["sgd", "adam"]
+CCAMPolarity = Literal["auto", "border", "classifier", "none", "inverted"]
+InferenceBackend = Literal["torch", "onnx"]
+MaskThresholdMode = Literal["fixed", "otsu", "calibrated"]  # pseudo_masks.variants.*.threshold_mode
+PredictThresholdMode = Literal["fixed", "calibrated"]  # segment.predict.threshold_mode
+SelfTrainingInit = Literal["fresh", "previous"]
+OnBadImage = Literal["error", "skip"]
+CCAM_OPTIMIZERS = get_args(CCAMOptimizer)
 CLASSIFIER_WEIGHTS = "classifier"  # segment.encoder_weights: start the U-Net's encoder from the trained classifier
 UNET_SIZE_MULTIPLE = 32  # U-Net encoders downsample 5 times
 
@@ -49,7 +57,7 @@ class ClassifierConfig:
     alternate`, the paper's schedule) or are read as one set every epoch (`schedule: concat`)."""
 
     train: List[DatasetConfig] = field(default_factory=list)
-    schedule: str = "alternate"
+    schedule: ClassifierSchedule = "alternate"
     val: Optional[DatasetConfig] = None
     backbone: Optional[BackboneConfig] = None
     image_size: int = 224
@@ -78,7 +86,7 @@ class MapsConfig:
     methods: List[str] = field(default_factory=lambda: ["gradcam"])
     image_size: int = 224
     batch_size: int = 16
-    target: str = "positive"
+    target: MapTarget = "positive"
     target_layer: str = "auto"
     num_workers: int = 0
     tta: TTAConfig = field(default_factory=TTAConfig)
@@ -94,7 +102,7 @@ class CCAMConfig:
     from the classifier stage (the paper's change). `name` is the map method name it reports under."""
 
     name: str = "ccam"
-    init: str = "imagenet"
+    init: CCAMInit = "imagenet"
     train: List[DatasetConfig] = field(default_factory=list)
     backbone: Optional[BackboneConfig] = None
     stages: List[int] = field(default_factory=lambda: [-2, -1])
@@ -108,13 +116,13 @@ class CCAMConfig:
     alpha: float = 0.25
     # sgd (the reference code's) or adam. With SGD at these learning rates the one-channel head barely moves
     # on EfficientNet features and the map finds nothing; Adam trains it in a few epochs (docs/experiments.md).
-    optimizer: str = "sgd"
+    optimizer: CCAMOptimizer = "sgd"
     freeze_backbone_epochs: int = 0
     # Train the head alone on the ImageNet backbone's features, computed once per image and its mirror image
     # (the backbone stays as initialised): the same model as a frozen backbone, many times faster to train.
     head_only: bool = False
-    polarity: str = "auto"
-    inference_backend: str = "torch"
+    polarity: CCAMPolarity = "auto"
+    inference_backend: InferenceBackend = "torch"
     vertical_flip: bool = True
     num_workers: int = 0
     amp: bool = True
@@ -135,7 +143,7 @@ class PredictConfig:
     hflip: bool = False
     vflip: bool = False
     threshold: Optional[float] = None
-    threshold_mode: str = "fixed"
+    threshold_mode: PredictThresholdMode = "fixed"
 
 
 @dataclass
@@ -163,7 +171,7 @@ class SegmentConfig:
     self_training_refine: List[RefineStepConfig] = field(default_factory=list)
     # How a round's U-Net starts: "fresh" as round 0 did, or "previous" (fine-tunes the last round's
     # U-Net); for `self_training_epochs` epochs (None: `epochs`).
-    self_training_init: str = "fresh"
+    self_training_init: SelfTrainingInit = "fresh"
     self_training_epochs: Optional[int] = None
     vertical_flip: bool = True
     num_workers: int = 0
@@ -205,7 +213,7 @@ class MaskVariantConfig:
     source: str = ""
     refine: List[RefineStepConfig] = field(default_factory=list)
     threshold: Optional[float] = None
-    threshold_mode: str = "fixed"
+    threshold_mode: MaskThresholdMode = "fixed"
 
 
 @dataclass
@@ -241,7 +249,7 @@ class RecipeConfig:
     description: str = ""
     seed: int = 0
     device: str = "auto"
-    on_bad_image: str = "error"
+    on_bad_image: OnBadImage = "error"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     classifier: Optional[ClassifierConfig] = None
     ccam: List[CCAMConfig] = field(default_factory=list)

@@ -10,6 +10,7 @@ import numpy as np
 
 from wsseg.data.base import SegmentationDataset
 from wsseg.data.io import read_binary_mask
+from wsseg.pipeline.layout import RunLayout
 from wsseg.stages.maps import load_map
 from wsseg.stages.pseudo_masks import resize_map
 
@@ -38,9 +39,9 @@ def overlay_grid(path: Path, dataset: SegmentationDataset, indices: Sequence[int
     """Write one PNG: a row per image with the columns named in the title row."""
     from PIL import Image, ImageDraw
 
-    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     columns = ["image", f"{method} map", f"{method} mask"]
-    has_unet = segmenter is not None and (run_dir / "masks" / segmenter).is_dir()
+    has_unet = segmenter is not None and layout.masks(segmenter).is_dir()
     if has_unet:
         columns.append(segmenter)
     columns.append("ground truth")
@@ -50,12 +51,12 @@ def overlay_grid(path: Path, dataset: SegmentationDataset, indices: Sequence[int
         image = dataset.load_image(index)
         height, width = image.shape[:2]
         tiles = [image]
-        map_path = run_dir / "maps" / method / f"{stem}.npy"
+        map_path = layout.maps(method) / f"{stem}.npy"
         activation = resize_map(load_map(map_path), height, width) if map_path.is_file() else np.zeros((height, width))
         tiles.append(_heat(activation, image))
-        tiles.append(_overlay(image, read_binary_mask(run_dir / "masks" / method / f"{stem}.png")))
+        tiles.append(_overlay(image, read_binary_mask(layout.masks(method) / f"{stem}.png")))
         if has_unet:
-            tiles.append(_overlay(image, read_binary_mask(run_dir / "masks" / segmenter / f"{stem}.png"), (255, 200, 0)))
+            tiles.append(_overlay(image, read_binary_mask(layout.masks(segmenter) / f"{stem}.png"), (255, 200, 0)))
         truth = dataset.load_mask(index)
         tiles.append(_overlay(image, truth, (255, 0, 255)) if truth is not None else np.zeros_like(image))
         row = np.concatenate([_tile(t) for t in tiles], axis=1)
@@ -87,8 +88,8 @@ def write_run_grids(run_dir: Path, dataset: SegmentationDataset, rows: List[Dict
         if not dice:
             continue
         worst = [index_of[s] for s in sorted(dice, key=dice.get)[:n_images]]
-        written.append(overlay_grid(run_dir / "plots" / f"grid_{method}_sample.png", dataset, sample, run_dir, method,
+        written.append(overlay_grid(RunLayout(run_dir).plots / f"grid_{method}_sample.png", dataset, sample, run_dir, method,
                                     dice=dice))
-        written.append(overlay_grid(run_dir / "plots" / f"grid_{method}_worst.png", dataset, worst, run_dir, method,
+        written.append(overlay_grid(RunLayout(run_dir).plots / f"grid_{method}_worst.png", dataset, worst, run_dir, method,
                                     dice=dice))
     return written

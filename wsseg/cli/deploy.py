@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from wsseg.pipeline.layout import RunLayout
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -113,7 +115,7 @@ def cmd_bench_map_quality(args) -> int:
     from wsseg.selection import MapCandidate, score_map_methods
     from wsseg.stages.common import write_json
 
-    checkpoint = args.classifier / "checkpoints" / "classifier.pth" if args.classifier.is_dir() else args.classifier
+    checkpoint = RunLayout(args.classifier).classifier if args.classifier.is_dir() else args.classifier
     skipped = {}  # a bad file costs its own score only: it is left out, with a line saying why
     dataset = create_dataset(DatasetConfig(args.dataset, args.root, args.split), args.data_root, key="--dataset",
                              on_bad_image="error" if args.strict else "skip", bad_images=skipped)
@@ -145,9 +147,10 @@ def cmd_export(args) -> int:
     from wsseg.cli.ui import console
     from wsseg.deploy.onnx_export import export_segmenter, read_metadata
 
-    out = args.out or args.run_dir / "model.onnx"
+    layout = RunLayout(args.run_dir)
+    out = args.out or layout.model_onnx
     flips = [] if args.flips in (["none"], []) else args.flips
-    report = export_segmenter(args.run_dir / "checkpoints" / "unet.pth", out, args.opset, args.size, flips,
+    report = export_segmenter(layout.unet, out, args.opset, args.size, flips,
                               args.threshold)
     meta = read_metadata(report.path)
     console.print(f"[green]exported[/green] {report.path} (opset {report.opset}; input {meta['input_size']} px, "
@@ -166,7 +169,7 @@ def cmd_export(args) -> int:
 
 def _find(model: Path, backend: str) -> Path:
     if model.is_dir():
-        return model / ("model.onnx" if backend == "onnx" else "checkpoints/unet.pth")
+        return RunLayout(model).model_onnx if backend == "onnx" else RunLayout(model).unet
     return model
 
 
@@ -235,14 +238,15 @@ def cmd_bench_infer(args) -> int:
     if args.run_dir:
         from wsseg.models.segmenter import load_segmenter
 
-        model, meta = load_segmenter(args.run_dir / "checkpoints" / "unet.pth")
+        layout = RunLayout(args.run_dir)
+        model, meta = load_segmenter(layout.unet)
         size = args.size or meta.input_size
-        fp32 = args.run_dir / "model.onnx"
+        fp32 = layout.model_onnx
         if not fp32.is_file():
-            export_segmenter(args.run_dir / "checkpoints" / "unet.pth", fp32)
+            export_segmenter(layout.unet, fp32)
         onnx_paths["onnxruntime fp32"] = fp32
-        if (args.run_dir / "model.int8.onnx").is_file():
-            onnx_paths["onnxruntime int8"] = args.run_dir / "model.int8.onnx"
+        if layout.model_int8.is_file():
+            onnx_paths["onnxruntime int8"] = layout.model_int8
     else:
         from wsseg.deploy.onnx_export import export_segmenter_model
         from wsseg.models.segmenter import SegmenterMeta, build_unet

@@ -129,21 +129,21 @@ def export_ccam(checkpoint: Path, out_path: Path, opset: int = 17, threshold: fl
     return _export(model, out_path, meta["image_size"], opset, metadata)
 
 
-def export_run_models(run_dir: Path, config, artifacts: Dict[str, Path], calibration_set=None) -> Dict:
-    """Export what a run trained: `model.onnx` (U-Net), `<ccam name>.onnx`, and `model.int8.onnx` if asked,
-    calibrated on `calibration_set` (the run's U-Net training images)."""
-    run_dir = Path(run_dir)
+def export_run_models(layout, config, artifacts: Dict[str, Path], calibration_set=None) -> Dict:
+    """Export what a run trained (`layout`: its wsseg.pipeline.RunLayout): `model.onnx` (U-Net),
+    `<ccam name>.onnx`, and `model.int8.onnx` if asked, calibrated on `calibration_set` (the run's U-Net
+    training images)."""
     report: Dict = {}
     if "unet" in artifacts:
-        report["unet"] = export_segmenter(artifacts["unet"], run_dir / "model.onnx", config.opset).as_dict()
+        report["unet"] = export_segmenter(artifacts["unet"], layout.model_onnx, config.opset).as_dict()
         if config.int8:
             from wsseg.deploy.quantize import quantize_from_run
 
-            report["unet_int8"] = quantize_from_run(run_dir, config.calibration_images, None,
-                                                    config.int8_keep_float, calibration_set=calibration_set)
+            report["unet_int8"] = quantize_from_run(layout.root, config.calibration_images, None,
+                                                    config.int8_keep_float, layout.model_onnx, calibration_set)
     for name, path in artifacts.items():
         if name != "unet":
-            report[name] = export_ccam(path, run_dir / f"{name}.onnx", config.opset).as_dict()
+            report[name] = export_ccam(path, layout.ccam_onnx(name), config.opset).as_dict()
     return report
 
 

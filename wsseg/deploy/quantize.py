@@ -147,7 +147,9 @@ def run_training_images(run_dir: Path, data_root=None):
     from wsseg.config import load_recipe
     from wsseg.data import DatasetCatalog
 
-    config = load_recipe(str(Path(run_dir) / "config.yaml"))
+    from wsseg.pipeline.layout import RunLayout
+
+    config = load_recipe(str(RunLayout(run_dir).config))
     return DatasetCatalog(data_root, "skip").concat(config.segment.train, "segment.train")
 
 
@@ -161,12 +163,14 @@ def quantize_from_run(run_dir: Path, n_images: Optional[int] = None, data_root=N
     from wsseg.config_schema import ExportConfig
     from wsseg.deploy.onnx_export import read_metadata
 
-    run_dir = Path(run_dir)
-    model_path = Path(model_path) if model_path else run_dir / "model.onnx"
+    from wsseg.pipeline.layout import RunLayout
+
+    layout = RunLayout(run_dir)
+    model_path = Path(model_path) if model_path else layout.model_onnx
     if n_images is None:
         from wsseg.config import load_recipe
 
-        n_images = (load_recipe(str(run_dir / "config.yaml")).export or ExportConfig()).calibration_images
+        n_images = (load_recipe(str(layout.config)).export or ExportConfig()).calibration_images
     if calibration_set is None:
         calibration_set = run_training_images(run_dir, data_root)
     batches = calibration_batches(calibration_set, model_path, n_images)

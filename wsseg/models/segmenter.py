@@ -113,11 +113,41 @@ def save_segmenter(path: Path, model: torch.nn.Module, meta: SegmenterMeta, extr
     atomic_save({"meta": asdict(meta), "state_dict": model.state_dict(), **(extra or {})}, path)
 
 
-def rewrite_meta(path: Path, meta: SegmenterMeta) -> None:
-    """Replace the metadata stored in a checkpoint, weights and everything else kept."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    checkpoint["meta"] = asdict(meta)
-    atomic_save(checkpoint, path)
+#: How a U-Net predicts (size, flips, threshold): set by the run that trained it, kept beside its weights.
+PREDICTION_FIELDS = ("predict_size", "flips", "threshold")
+
+
+def prediction_settings_path(checkpoint: Path) -> Path:
+    """`unet.pth` -> `unet.predict.json`: how the U-Net predicts, read with the weights by every loader."""
+    return Path(checkpoint).with_suffix(".predict.json")
+
+
+def save_prediction_settings(checkpoint: Path, meta: SegmenterMeta) -> None:
+    """Record how the U-Net at `checkpoint` predicts; the weights and the metadata trained with them stay."""
+    import json
+    import os
+
+    path = prediction_settings_path(checkpoint)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({name: getattr(meta, name) for name in PREDICTION_FIELDS}, indent=2))
+    os.replace(tmp, path)
+
+
+def read_prediction_settings(checkpoint: Path, meta: SegmenterMeta) -> SegmenterMeta:
+    """`meta` predicting as recorded beside `checkpoint`, or as trained when nothing is recorded."""
+    import json
+
+    from wsseg.errors import WssegError
+
+    path = prediction_settings_path(checkpoint)
+    if not path.is_file():
+        return meta
+    try:
+        settings = json.loads(path.read_text())
+        return replace(meta, **{name: settings[name] for name in PREDICTION_FIELDS})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WssegError(f"{path}: not wsseg prediction settings ({exc}); delete it to predict as the U-Net "
+                         "was trained") from exc
 
 
 def load_segmenter(path: Path, map_location="cpu") -> Tuple[torch.nn.Module, SegmenterMeta]:
@@ -125,7 +155,7 @@ def load_segmenter(path: Path, map_location="cpu") -> Tuple[torch.nn.Module, Seg
 
     checkpoint = load_checkpoint(path, "U-Net checkpoint (checkpoints/unet.pth of a run)", ("encoder", "image_size"),
                                  map_location)
-    meta = SegmenterMeta(**checkpoint["meta"])
+    meta = read_prediction_settings(path, SegmenterMeta(**checkpoint["meta"]))
     model = build_unet(meta.encoder, "none")
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval(), meta

@@ -91,13 +91,6 @@ def write_rule_masks(rule: MaskRule, dataset: SegmentationDataset, map_dirs: Dic
     return out_dir
 
 
-def make_pseudo_masks(map_dir: Path, dataset: SegmentationDataset, out_dir: Path, threshold: float = 0.58,
-                      progress: ProgressFn = no_progress) -> Path:
-    """Plain pseudo-masks: one method's maps thresholded at a fixed value."""
-    name = Path(map_dir).name
-    return write_rule_masks(MaskRule(name, threshold), dataset, {name: map_dir}, out_dir, progress, f"masks {name}")
-
-
 def calibrate_threshold(rule: MaskRule, dataset: SegmentationDataset, map_dirs: Dict[str, Path],
                         grid: Sequence[float]) -> Tuple[float, Dict[float, float]]:
     """The grid threshold with the best mean Dice on `dataset` (a few labelled images, not the test set)."""

@@ -26,7 +26,7 @@ def pseudo_mask_source(dataset: SegmentationDataset, rule: Optional[MaskRule] = 
     """index -> uint8 mask (0/1, 255 = ignored) from saved maps through `rule`, or the real masks when
     `rule` is None. Images of an object-free class get an empty mask whatever their map shows.
 
-    With `cache_dir`, each mask is computed once and kept as `<index>.png`: refinements such as the dense
+    With `cache_dir`, each mask is computed once and kept as `<stem>.png`: refinements such as the dense
     CRF need the full-size image and would otherwise run again every epoch. The folder must be specific
     to the rule (the runner names it by the rule's fingerprint).
     """
@@ -47,17 +47,18 @@ def pseudo_mask_source(dataset: SegmentationDataset, rule: Optional[MaskRule] = 
             mask[(activation >= ignore_band[0]) & (activation < ignore_band[1])] = IGNORE
         return mask
 
-    return from_ground_truth if rule is None else cached_masks(compute, cache_dir)
+    return from_ground_truth if rule is None else cached_masks(compute, cache_dir, dataset)
 
 
-def cached_masks(compute: Callable[[int], np.ndarray], cache_dir: Optional[Path]) -> Callable[[int], np.ndarray]:
-    """`compute` with each mask kept as `cache_dir/<index>.png` after its first call (none kept without
+def cached_masks(compute: Callable[[int], np.ndarray], cache_dir: Optional[Path],
+                 dataset: SegmentationDataset) -> Callable[[int], np.ndarray]:
+    """`compute` with each mask kept as `cache_dir/<image stem>.png` after its first call (none kept without
     `cache_dir`). The folder must be specific to what `compute` does: the runner names it by a fingerprint."""
     if cache_dir is None:
         return compute
 
     def source(index: int) -> np.ndarray:
-        cached = Path(cache_dir) / f"{index:06d}.png"
+        cached = Path(cache_dir) / f"{dataset.records[index].stem}.png"
         if cached.is_file():
             mask = cv2.imread(str(cached), cv2.IMREAD_UNCHANGED)
             if mask is not None:
@@ -88,7 +89,7 @@ def confident_mask_source(dataset: SegmentationDataset, prob_dir: Path, band: Li
         mask[(prob > band[0]) & (prob < band[1])] = IGNORE
         return mask
 
-    return cached_masks(compute, cache_dir)
+    return cached_masks(compute, cache_dir, dataset)
 
 
 def refined_mask(prob: np.ndarray, dataset: SegmentationDataset, index: int, refine: Sequence = (),
