@@ -180,6 +180,9 @@ class SegmentConfig:
     # How a round's U-Net predicts the probabilities its next round's labels come from (the train images, and
     # the same labels made on the evaluation images); None: as `predict`. Its threshold is `threshold`.
     self_training_predict: Optional[PredictConfig] = None
+    # A folder of hand-corrected masks, <image stem>.png (`wsseg masks import` writes one): for the training
+    # images it covers, the U-Net and every self-training round learn from these instead of pseudo-masks.
+    corrected_masks: Optional[str] = None
 
 
 @dataclass

@@ -52,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optional_commands():
-    """Commands of the deployment layer (export, predict, bench)."""
-    from wsseg.cli import deploy
+    """Commands of the deployment layer (export, predict, bench) and of masks (export, import)."""
+    from wsseg.cli import deploy, masks
 
-    return [deploy]
+    return [deploy, masks]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -35,7 +35,7 @@ class SegmentStage(Stage):
         return config.segment is not None
 
     def run(self, context: RunContext) -> None:
-        from wsseg.stages.unet_labels import pseudo_mask_source
+        from wsseg.stages.unet_labels import corrected_mask_files, corrections_digest, pseudo_mask_source, with_corrections
 
         seg = context.config.segment
         train_set = context.catalog.concat(seg.train, "segment.train")
@@ -50,6 +50,12 @@ class SegmentStage(Stage):
         labels = pseudo_mask_source(train_set, rule, map_dirs, seg.ignore_band,
                                     cache_dir=None if rule is None else
                                     context.layout.labels(seg.masks, fingerprint(upstream, seg.ignore_band)))
+        # Hand-corrected masks replace the labels of the images they cover, in every round.
+        corrections = corrected_mask_files(seg.corrected_masks) if seg.corrected_masks else {}
+        if corrections:
+            log.info("segment.corrected_masks: %d corrected masks replace their images' labels", len(corrections))
+        labels = with_corrections(labels, train_set, corrections)
+        upstream = fingerprint(upstream, corrections_digest(corrections) if corrections else None)
         encoder_from = None
         if seg.encoder_weights == CLASSIFIER_WEIGHTS:
             seg = replace(seg, encoder_weights=str(context.classifier_checkpoint))
@@ -57,7 +63,7 @@ class SegmentStage(Stage):
         checkpoint = None
         for round_index in range(seg.self_training_rounds + 1):
             checkpoint, labels, upstream = self.round(context, seg, train_set, round_index, labels, upstream,
-                                                      encoder_from, checkpoint)
+                                                      encoder_from, checkpoint, corrections)
         if dist.is_main():
             publish(checkpoint, context.layout.unet)
         dist.barrier()
@@ -65,12 +71,12 @@ class SegmentStage(Stage):
 
     @staticmethod
     def round(context: RunContext, seg: SegmentConfig, train_set, round_index: int, labels, upstream: str,
-              encoder_from, previous_checkpoint):
+              encoder_from, previous_checkpoint, corrections=None):
         """Train round `round_index` on `labels`, write its masks; returns its checkpoint and, unless it is
         the last round, the next round's labels and what they are keyed on."""
         from wsseg.models.segmenter import save_prediction_settings, with_prediction
         from wsseg.stages.segment import load_segmenter, train_segmenter, write_masks
-        from wsseg.stages.unet_labels import confident_mask_source
+        from wsseg.stages.unet_labels import confident_mask_source, with_corrections
 
         config, layout = context.config, context.layout
         rounds = seg.self_training_rounds
@@ -113,8 +119,10 @@ class SegmentStage(Stage):
             if not last:  # the next round learns from this model's confident pixels
                 prob_dir = probabilities(context, name, model, label_meta, train_set, digest, seg.batch_size)
                 labels_fp = fingerprint(digest, seg.confident_band, seg.self_training_refine, probabilities_predict)
-                labels = confident_mask_source(train_set, prob_dir, seg.confident_band, seg.self_training_refine,
-                                               cache_dir=layout.labels(name, labels_fp), threshold=seg.threshold)
+                labels = with_corrections(
+                    confident_mask_source(train_set, prob_dir, seg.confident_band, seg.self_training_refine,
+                                          cache_dir=layout.labels(name, labels_fp), threshold=seg.threshold),
+                    train_set, corrections or {})  # self-training never overwrites a correction
             dist.barrier()
         return checkpoint, labels, digest
 

@@ -102,4 +102,48 @@ def refined_mask(prob: np.ndarray, dataset: SegmentationDataset, index: int, ref
         return threshold_and_clean(refine_map(prob, image, refine), refine, threshold, "fixed", image, prob) > 0
 
 
-__all__ = ["IGNORE", "cached_masks", "confident_mask_source", "pseudo_mask_source", "refined_mask"]
+def corrected_mask_files(folder: Path) -> Dict[str, Path]:
+    """{image stem: mask file} of a folder of corrected masks (`<stem>.png`)."""
+    from wsseg.errors import WssegError
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise WssegError(f"segment.corrected_masks: folder {folder} does not exist")
+    return {p.stem: p for p in sorted(folder.glob("*.png"))}
+
+
+def corrections_digest(files: Dict[str, Path]) -> str:
+    """What the corrections are, for the U-Net's fingerprint: a changed, added or removed mask retrains."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for stem, path in sorted(files.items()):
+        digest.update(stem.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:12]
+
+
+def with_corrections(source: Callable[[int], np.ndarray], dataset: SegmentationDataset,
+                     files: Dict[str, Path]) -> Callable[[int], np.ndarray]:
+    """`source` with the corrected mask (0/1, nothing ignored) for every image that has one. A correction
+    must have its image's size: it is a person's answer for that image, never resized."""
+    from wsseg.data.io import read_binary_mask
+    from wsseg.errors import DataError
+
+    if not files:
+        return source
+
+    def labels(index: int) -> np.ndarray:
+        path = files.get(dataset.records[index].stem)
+        if path is None:
+            return source(index)
+        mask = read_binary_mask(path)
+        if mask.shape != tuple(dataset.image_size(index)):
+            raise DataError(f"{path}: corrected mask is {mask.shape[1]}x{mask.shape[0]}, its image "
+                            f"{dataset.image_name(index)} is {dataset.image_size(index)[1]}x{dataset.image_size(index)[0]}")
+        return mask.astype(np.uint8)
+
+    return labels
+
+
+__all__ = ["IGNORE", "cached_masks", "confident_mask_source", "corrected_mask_files", "corrections_digest",
+           "pseudo_mask_source", "refined_mask", "with_corrections"]

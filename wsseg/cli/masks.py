@@ -1,0 +1,52 @@
+"""`wsseg masks export|import`: a run's masks to annotation tools, corrected masks back."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+FORMAT_HELP = ("coco (COCO instance JSON, RLE), cvat (COCO 1.0, as CVAT imports it), labelstudio (tasks "
+               "with brush pre-annotations), png (a folder of <stem>.png)")
+
+
+def add_parser(subparsers) -> None:
+    from wsseg.annotations import list_formats
+
+    masks = subparsers.add_parser("masks", help="export a run's masks to annotation tools; import corrections",
+                                  description="Move masks between wsseg and annotation tools (CVAT, Label Studio, "
+                                              "anything that reads COCO). Formats: " + FORMAT_HELP + ".")
+    verbs = masks.add_subparsers(dest="verb", required=True, metavar="VERB")
+    export = verbs.add_parser("export", help="write one producer's masks of a run in a tool's format")
+    export.add_argument("run_dir", type=Path, help="a run directory (its masks/<producer>/ folder)")
+    export.add_argument("--format", required=True, choices=list_formats(), help=FORMAT_HELP)
+    export.add_argument("--producer", default="unet", help="which masks (a folder name under masks/; default unet)")
+    export.add_argument("--label", default="object", help="the class name the tool shows (default object)")
+    export.add_argument("--out", required=True, type=Path, help="the file (coco, cvat, labelstudio: .json) or "
+                        "folder (png) to write")
+    export.add_argument("--data-root", type=Path, help="data root of the run, to name masks by their image files")
+    export.set_defaults(func=cmd_export)
+    imported = verbs.add_parser("import", help="read corrected masks into a folder of <stem>.png masks")
+    imported.add_argument("path", type=Path, help="the exported (and corrected) file, or a PNG folder")
+    imported.add_argument("--format", required=True, choices=list_formats(), help=FORMAT_HELP)
+    imported.add_argument("--out", required=True, type=Path, help="folder for the <stem>.png masks (0/255)")
+    imported.set_defaults(func=cmd_import)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from wsseg.annotations import run_mask_items, write_masks
+    from wsseg.cli.ui import console
+
+    items = run_mask_items(args.run_dir, args.producer, args.data_root)
+    out = write_masks(items, args.format, args.out, args.label)
+    console.print(f"[green]wrote[/green] {len(items)} masks of {args.producer} as {args.format} to {out}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from wsseg.annotations import read_masks, write_png_folder
+    from wsseg.cli.ui import console
+
+    masks = read_masks(args.path, args.format)
+    out = write_png_folder(masks, args.out)
+    console.print(f"[green]wrote[/green] {len(masks)} masks to {out}")
+    return 0
