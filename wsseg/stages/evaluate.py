@@ -6,13 +6,14 @@ import csv
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+from wsseg.confidence import rank_correlation, read_confidence
 from wsseg.data.base import SegmentationDataset
 from wsseg.data.io import read_binary_mask
 from wsseg.errors import DataError
 from wsseg.metrics import confusion, per_image_rows, summarise
 from wsseg.progress import ProgressFn, no_progress
 
-CSV_FIELDS = ["method", "stem", "dice", "iou", "precision", "recall", "accuracy", "tp", "fp", "fn", "tn"]
+CSV_FIELDS = ["method", "stem", "dice", "iou", "precision", "recall", "accuracy", "tp", "fp", "fn", "tn", "confidence"]
 
 
 def evaluate_mask_dir(method: str, mask_dir: Path, dataset: SegmentationDataset,
@@ -30,7 +31,13 @@ def evaluate_mask_dir(method: str, mask_dir: Path, dataset: SegmentationDataset,
         stems.append(stem)
         confusions.append(confusion(pred, target, dataset.load_ignore(i)))
     rows = per_image_rows(method, stems, confusions)
-    return rows, summarise(rows)
+    summary = summarise(rows)
+    confidence = read_confidence(mask_dir)  # how sure the writer was of each mask, when it said
+    if confidence:
+        for row in rows:
+            row["confidence"] = confidence.get(row["stem"], "")
+        summary["confidence_spearman"] = rank_correlation(confidence, {r["stem"]: r["dice"] for r in rows})
+    return rows, summary
 
 
 def write_per_image_csv(path: Path, rows: List[Dict]) -> None:

@@ -84,10 +84,19 @@ def write_rule_masks(rule: MaskRule, dataset: SegmentationDataset, map_dirs: Dic
                      progress: ProgressFn = no_progress, description: str = "masks",
                      indices: Optional[Sequence[int]] = None) -> Path:
     """Apply `rule` to every image (or `indices`) and write `out_dir/<stem>.png` (0/255, image-sized)."""
+    from wsseg.confidence import ConfidenceLog
+    from wsseg.refine import otsu_threshold
+
     out_dir = Path(out_dir)
     indices = list(range(len(dataset))) if indices is None else list(indices)
+    confidence = ConfidenceLog(out_dir)
     for i in progress(indices, total=len(indices), description=description):
-        write_mask_png(out_dir / f"{dataset.records[i].stem}.png", rule.apply(dataset, i, map_dirs)[1])
+        stem = dataset.records[i].stem
+        refined, mask = rule.apply(dataset, i, map_dirs)
+        write_mask_png(out_dir / f"{stem}.png", mask)
+        level = otsu_threshold(refined.activation) if rule.threshold_mode == "otsu" else rule.threshold
+        confidence.add(stem, refined.activation, level)
+    confidence.save()
     return out_dir
 
 

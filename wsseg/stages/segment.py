@@ -147,10 +147,17 @@ def write_masks(model: torch.nn.Module, meta: SegmenterMeta, dataset: Segmentati
     """Several mask folders from one prediction pass: `outputs` maps each folder to its `refine` steps
     (empty: plain masks) and threshold. The same masks as one `predict_masks` call per folder, at the cost
     of one, which matters when prediction averages flips at a larger size."""
+    from wsseg.confidence import ConfidenceLog
+
+    confidence = {out_dir: ConfidenceLog(out_dir) for out_dir in outputs}
     for index, prob in _image_probabilities(model, meta, dataset, device, batch_size, progress, indices):
+        stem = dataset.records[index].stem
         for out_dir, (refine, threshold) in outputs.items():
             mask = refined_mask(prob, dataset, index, refine, threshold)
-            write_mask_png(Path(out_dir) / f"{dataset.records[index].stem}.png", mask)
+            write_mask_png(Path(out_dir) / f"{stem}.png", mask)
+            confidence[out_dir].add(stem, prob, threshold)
+    for log in confidence.values():
+        log.save()
 
 
 def calibrate_unet_threshold(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset,
