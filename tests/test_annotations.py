@@ -153,3 +153,26 @@ def test_corrected_masks_replace_the_labels_of_every_round_and_a_change_retrains
     capsys.readouterr()
     assert main(["recipe", "run", "--resume", str(out)]) == 2
     assert f"{stem}.png: corrected mask is 10x10, its image" in capsys.readouterr().err
+
+
+def test_export_carries_confidence_and_picks_the_least_confident(tmp_path):
+    pytest.importorskip("pycocotools")
+    run = tmp_path / "run"
+    folder = run / "masks" / "unet"
+    folder.mkdir(parents=True)
+    items = _items()
+    for item in items:
+        Image.fromarray(item.mask.astype(np.uint8) * 255).save(folder / f"{item.stem}.png")
+    confidence = {"img0": 0.9, "img1": 0.2, "img2": 0.5, "empty": 1.0}
+    (folder / "confidence-0.json").write_text(json.dumps(confidence))
+    out = tmp_path / "worst.json"
+    assert main(["masks", "export", str(run), "--format", "coco", "--least-confident", "2", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [image["file_name"] for image in data["images"]] == ["img1.png", "img2.png"]  # least sure first
+    assert [a["score"] for a in data["annotations"]] == [0.2, 0.5]
+    pytest.importorskip("label_studio_converter")
+    tasks = json.loads(write_masks(run_mask_items(run), "labelstudio", tmp_path / "ls.json").read_text())
+    assert {t["data"]["image"]: t["predictions"][0]["score"] for t in tasks} == \
+        {f"{k}.png": v for k, v in confidence.items()}
+    (folder / "confidence-0.json").unlink()
+    assert main(["masks", "export", str(run), "--format", "coco", "--least-confident", "2", "--out", str(out)]) == 2

@@ -34,9 +34,12 @@ def read_masks(path: Path, fmt: str) -> Dict[str, "np.ndarray"]:  # noqa: F821
     return FORMATS.get(fmt).read(Path(path))
 
 
-def run_mask_items(run_dir: Path, producer: str = "unet", data_root=None) -> List[MaskItem]:
+def run_mask_items(run_dir: Path, producer: str = "unet", data_root=None,
+                   least_confident: Optional[int] = None) -> List[MaskItem]:
     """The masks producer `producer` wrote in a run (`masks/<producer>/*.png`), each named as its image file
-    (read from the run's `maps.dataset` when it can be found, else `<stem>.png`)."""
+    (read from the run's `maps.dataset` when it can be found, else `<stem>.png`) with its confidence;
+    `least_confident`: only that many, the least confident first (the ones worth a person's look)."""
+    from wsseg.confidence import read_confidence
     from wsseg.data.io import read_binary_mask
     from wsseg.errors import WssegError
     from wsseg.pipeline.layout import RunLayout
@@ -47,8 +50,14 @@ def run_mask_items(run_dir: Path, producer: str = "unet", data_root=None) -> Lis
         made = sorted(p.name for p in (layout.root / "masks").glob("*") if p.is_dir())
         raise WssegError(f"{folder}: no masks of producer '{producer}' in this run (it has: {', '.join(made) or 'none'})")
     names = _image_names(layout, data_root)
-    return [MaskItem(p.stem, names.get(p.stem, f"{p.stem}.png"), read_binary_mask(p))
-            for p in sorted(folder.glob("*.png"))]
+    confidence = read_confidence(folder)
+    paths = sorted(folder.glob("*.png"))
+    if least_confident is not None:
+        if not confidence:
+            raise WssegError(f"{folder}: its writer recorded no confidence, so there is no least confident mask")
+        paths = sorted(paths, key=lambda p: confidence.get(p.stem, 1.0))[:least_confident]
+    return [MaskItem(p.stem, names.get(p.stem, f"{p.stem}.png"), read_binary_mask(p), confidence.get(p.stem))
+            for p in paths]
 
 
 def _image_names(layout, data_root=None) -> Dict[str, str]:
@@ -69,8 +78,8 @@ def _image_names(layout, data_root=None) -> Dict[str, str]:
 
 
 def export_run_masks(run_dir: Path, fmt: str, out: Path, producer: str = "unet", label: str = "object",
-                     data_root=None) -> Path:
-    return write_masks(run_mask_items(run_dir, producer, data_root), fmt, out, label)
+                     data_root=None, least_confident: Optional[int] = None) -> Path:
+    return write_masks(run_mask_items(run_dir, producer, data_root, least_confident), fmt, out, label)
 
 
 def write_png_folder(masks: Dict[str, "np.ndarray"], out_dir: Path) -> Path:  # noqa: F821

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -19,6 +19,7 @@ class MaskItem:
     stem: str  # the image's stem: how wsseg names its masks
     file_name: str  # the image file name, as the annotation tool knows the image
     mask: np.ndarray  # boolean, at the image's own size
+    confidence: Optional[float] = None  # wsseg.confidence: how sure its writer was (None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,12 @@ def write_coco(items: List[MaskItem], out: Path, label: str) -> Path:
         if not item.mask.any():
             continue
         rle = coco_mask.encode(np.asfortranarray(item.mask.astype(np.uint8)))
-        annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 1,
-                            "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
-                            "area": float(coco_mask.area(rle)), "bbox": [float(v) for v in coco_mask.toBbox(rle)]})
+        annotation = {"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 1,
+                      "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
+                      "area": float(coco_mask.area(rle)), "bbox": [float(v) for v in coco_mask.toBbox(rle)]}
+        if item.confidence is not None:
+            annotation["score"] = item.confidence  # COCO's results field: tools sort and filter by it
+        annotations.append(annotation)
     return _atomic_json(out, {"images": images, "annotations": annotations,
                               "categories": [{"id": 1, "name": label, "supercategory": ""}]})
 
@@ -121,8 +125,10 @@ def write_labelstudio(items: List[MaskItem], out: Path, label: str) -> Path:
                            "original_width": width, "original_height": height, "image_rotation": 0,
                            "value": {"format": "rle", "rle": brush.mask2rle(item.mask.astype(np.uint8) * 255),
                                      "brushlabels": [label]}})
-        tasks.append({"data": {"image": item.file_name, "wsseg_size": [height, width]},
-                      "predictions": [{"model_version": "wsseg", "result": result}]})
+        prediction = {"model_version": "wsseg", "result": result}
+        if item.confidence is not None:
+            prediction["score"] = item.confidence  # Label Studio sorts tasks by prediction score
+        tasks.append({"data": {"image": item.file_name, "wsseg_size": [height, width]}, "predictions": [prediction]})
     return _atomic_json(out, tasks)
 
 

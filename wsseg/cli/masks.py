@@ -24,6 +24,8 @@ def add_parser(subparsers) -> None:
     export.add_argument("--out", required=True, type=Path, help="the file (coco, cvat, labelstudio: .json) or "
                         "folder (png) to write")
     export.add_argument("--data-root", type=Path, help="data root of the run, to name masks by their image files")
+    export.add_argument("--least-confident", type=int, metavar="N", help="only the N masks the run was least sure "
+                        "of (per_image.csv's confidence), least confident first: the ones to correct first")
     export.set_defaults(func=cmd_export)
     imported = verbs.add_parser("import", help="read corrected masks into a folder of <stem>.png masks")
     imported.add_argument("path", type=Path, help="the exported (and corrected) file, or a PNG folder")
@@ -36,7 +38,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from wsseg.annotations import run_mask_items, write_masks
     from wsseg.cli.ui import console
 
-    items = run_mask_items(args.run_dir, args.producer, args.data_root)
+    items = run_mask_items(args.run_dir, args.producer, args.data_root, args.least_confident)
     out = write_masks(items, args.format, args.out, args.label)
     console.print(f"[green]wrote[/green] {len(items)} masks of {args.producer} as {args.format} to {out}")
     return 0
