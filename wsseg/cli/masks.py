@@ -1,4 +1,5 @@
-"""`wsseg masks export|import`: a run's masks to annotation tools, corrected masks back."""
+"""`wsseg review` (a page to look at a run's masks) and `wsseg masks export|import` (a run's masks to
+annotation tools, corrected masks back)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,19 @@ FORMAT_HELP = ("coco (COCO instance JSON, RLE), cvat (COCO 1.0, as CVAT imports 
 
 def add_parser(subparsers) -> None:
     from wsseg.annotations import list_formats
+
+    review = subparsers.add_parser("review", help="write one HTML page of a run's masks, least confident first",
+                                   description="Every image of the run's evaluation set with each producer's mask "
+                                               "outlined, its map and the ground truth when there is one, sorted by "
+                                               "confidence (least confident first), with per-image Dice; filters by "
+                                               "producer and confidence, keyboard navigation. Self-contained: "
+                                               "opens from disk.")
+    review.add_argument("run_dir", type=Path, help="a finished run directory")
+    review.add_argument("--producer", nargs="*", metavar="NAME", help="only these producers (default: every one "
+                        "whose masks have a confidence)")
+    review.add_argument("--out", type=Path, help="the HTML file (default RUN_DIR/review.html)")
+    review.add_argument("--data-root", type=Path, help="data root of the run's images")
+    review.set_defaults(func=cmd_review)
 
     masks = subparsers.add_parser("masks", help="export a run's masks to annotation tools; import corrections",
                                   description="Move masks between wsseg and annotation tools (CVAT, Label Studio, "
@@ -51,4 +65,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     masks = read_masks(args.path, args.format)
     out = write_png_folder(masks, args.out)
     console.print(f"[green]wrote[/green] {len(masks)} masks to {out}")
+    return 0
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from wsseg.cli.ui import console, rich_progress
+    from wsseg.review import write_review_page
+
+    with rich_progress() as progress:
+        out = write_review_page(args.run_dir, args.out, args.producer, args.data_root, progress)
+    console.print(f"[green]wrote[/green] {out}")
     return 0
