@@ -194,7 +194,7 @@ class ExportConfig:
     int8: bool = False
     calibration_images: int = 16
     # Node-name substrings kept in fp32 by the INT8 model, or [auto] to measure per encoder stage
-    # (docs/BENCHMARKS.md measures the choices).
+    # (docs/experiments.md measures the choices).
     int8_keep_float: List[str] = field(default_factory=lambda: ["/encoder/"])
 
 

@@ -2,7 +2,7 @@
 
 Recorded in every run directory (`environment.json`, and a line in `run.log` per run or resume), since
 numbers move with the stack: the same recipe on the same CPU gave a CP-CHILD classifier of accuracy
-0.972 in one environment and 0.959 in another (docs/BENCHMARKS.md)."""
+0.972 in one environment and 0.959 in another (docs/experiments.md)."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ def quantize_int8(model_path: Path, out_path: Path, calibration: List[np.ndarray
     """QDQ, per-channel weights, calibrated by min-max on `calibration` (each 1x3xHxW float32).
 
     Nodes whose name contains one of `keep_float` stay in fp32. By default that is the encoder:
-    measured on Kvasir-SEG (docs/BENCHMARKS.md), quantising the whole EfficientNet-Lite U-Net cost
+    measured on Kvasir-SEG (docs/experiments.md), quantising the whole EfficientNet-Lite U-Net cost
     0.03-0.10 Dice, while the decoder alone quantises at no measurable cost and still gives most of
     the speed-up, since the decoder runs at the highest resolutions. `keep_float=["auto"]` measures
     instead (`choose_keep_float`): the encoder is quantised too, except its depthwise convolutions and

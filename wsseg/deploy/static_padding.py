@@ -7,7 +7,7 @@ every one costs a copy and two layout reorders. When each such convolution sees 
 is a multiple of its stride, which holds for every layer of a U-Net fed multiples of 32, the
 padding is a constant: `k_eff - stride` in total, the extra pixel at the end, as TensorFlow does.
 The exported Conv then carries it in its (asymmetric) `pads` attribute and the graph has no Pad.
-Measured on the Kvasir-SEG U-Net in docs/BENCHMARKS.md.
+Measured on the Kvasir-SEG U-Net in docs/experiments.md.
 """
 
 from __future__ import annotations
