@@ -27,6 +27,21 @@ def test_recipe_ls_and_show(capsys):
     assert "threshold: 0.58" in capsys.readouterr().out
 
 
+def test_recipe_cp_copies_a_shipped_recipe_to_edit_and_run(tmp_path, capsys):
+    from wsseg.config import load_recipe, recipe_text
+
+    target = tmp_path / "mine.yaml"
+    assert main(["recipe", "cp", "pets_best", str(target)]) == 0
+    assert target.read_text() == recipe_text("pets_best")[1]  # comments kept: they say why a value was chosen
+    assert load_recipe(str(target)) == load_recipe("pets_best")
+    assert main(["recipe", "cp", "pets_best", str(target)]) == 2  # never overwrites without --force
+    assert "exists; pass --force" in capsys.readouterr().err
+    target.write_text(target.read_text().replace("epochs: 6", "epochs: 2"))
+    assert load_recipe(str(target)).segment.epochs == 2  # the copy is what runs
+    assert main(["recipe", "cp", "demo", str(tmp_path)]) == 0 and (tmp_path / "demo.yaml").is_file()
+    assert main(["recipe", "cp", "demo", str(tmp_path / "demo.txt")]) == 2
+
+
 def test_validate_reports_bad_keys_with_exit_code(capsys):
     assert main(["recipe", "validate", "demo", "classifier.epoch=3", "seed=abc"]) == 2
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`wsseg recipe ls|show|validate|run`."""
+"""`wsseg recipe ls|show|cp|validate|run`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def add_parser(subparsers) -> None:
     show.add_argument("recipe", help="recipe name or .yaml path")
     show.add_argument("--resolved", action="store_true", help="print it with every default filled in")
     show.set_defaults(func=cmd_show)
+    copy = verbs.add_parser("cp", help="copy a shipped recipe to a file you can edit",
+                            description="Copies a recipe's YAML (comments included) to PATH; edit its dataset "
+                                        "roots, then `wsseg recipe run PATH`.")
+    copy.add_argument("recipe", help="recipe name or .yaml path")
+    copy.add_argument("path", type=Path, help="where to write it (a .yaml file, or a folder)")
+    copy.add_argument("--force", action="store_true", help="replace PATH if it exists")
+    copy.set_defaults(func=cmd_cp)
     validate = verbs.add_parser("validate", help="check a recipe (and overrides); lists every problem")
     validate.add_argument("recipe", help="recipe name or .yaml path")
     validate.add_argument("overrides", nargs="*", help="key.path=value overrides")
@@ -58,6 +65,22 @@ def cmd_show(args) -> int:
         console.print(to_yaml(load_recipe(args.recipe)), markup=False)
     else:
         console.print(recipe_text(args.recipe)[1], markup=False)
+    return 0
+
+
+def cmd_cp(args) -> int:
+    from wsseg.cli.ui import console
+    from wsseg.errors import WssegError
+
+    text = recipe_text(args.recipe)[1]
+    target = args.path / f"{Path(args.recipe).stem}.yaml" if args.path.is_dir() else args.path
+    if target.suffix not in (".yaml", ".yml"):
+        raise WssegError(f"recipe cp: {target} should end in .yaml, so that `wsseg recipe run` reads it as a file")
+    if target.exists() and not args.force:
+        raise WssegError(f"recipe cp: {target} exists; pass --force to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    console.print(f"[green]copied[/green] {args.recipe} to {target}; edit it, then `wsseg recipe run {target}`")
     return 0
 
 
