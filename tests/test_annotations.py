@@ -25,6 +25,17 @@ def _items():
     return items
 
 
+def _run_folder(tmp_path):
+    """A run folder holding only `masks/unet/<stem>.png` (no config.yaml), as after a copy."""
+    run = tmp_path / "run"
+    folder = run / "masks" / "unet"
+    folder.mkdir(parents=True)
+    items = _items()
+    for item in items:
+        Image.fromarray(item.mask.astype(np.uint8) * 255).save(folder / f"{item.stem}.png")
+    return run, folder, items
+
+
 def _decoded_by_the_formats_own_library(fmt, out):
     if fmt in ("coco", "cvat"):
         from pycocotools import mask as coco_mask
@@ -94,12 +105,7 @@ def test_a_broken_file_names_itself(tmp_path):
 
 def test_masks_export_and_import_on_a_run_folder(tmp_path):
     pytest.importorskip("pycocotools")
-    run = tmp_path / "run"
-    folder = run / "masks" / "unet"
-    folder.mkdir(parents=True)
-    items = _items()
-    for item in items:
-        Image.fromarray(item.mask.astype(np.uint8) * 255).save(folder / f"{item.stem}.png")
+    run, folder, items = _run_folder(tmp_path)
     assert len(run_mask_items(run)) == len(items)  # no config.yaml: named <stem>.png, with a warning
     exported = tmp_path / "for_cvat.json"
     assert main(["masks", "export", str(run), "--format", "cvat", "--out", str(exported), "--label", "polyp"]) == 0
@@ -157,12 +163,7 @@ def test_corrected_masks_replace_the_labels_of_every_round_and_a_change_retrains
 
 def test_export_carries_confidence_and_picks_the_least_confident(tmp_path):
     pytest.importorskip("pycocotools")
-    run = tmp_path / "run"
-    folder = run / "masks" / "unet"
-    folder.mkdir(parents=True)
-    items = _items()
-    for item in items:
-        Image.fromarray(item.mask.astype(np.uint8) * 255).save(folder / f"{item.stem}.png")
+    run, folder, items = _run_folder(tmp_path)
     confidence = {"img0": 0.9, "img1": 0.2, "img2": 0.5, "empty": 1.0}
     (folder / "confidence-0.json").write_text(json.dumps(confidence))
     out = tmp_path / "worst.json"
