@@ -80,6 +80,7 @@ def overlay_grid(path: Path, dataset: SegmentationDataset, indices: Sequence[int
 def write_run_grids(run_dir: Path, dataset: SegmentationDataset, rows: List[Dict], methods: Sequence[str],
                     n_images: int = 6) -> List[Path]:
     """For each map method: a fixed sample (evenly spaced images) and the worst images by Dice."""
+    plots = RunLayout(run_dir).plots
     written = []
     sample = list(np.linspace(0, len(dataset) - 1, min(n_images, len(dataset))).astype(int))
     index_of = {r.stem: i for i, r in enumerate(dataset.records)}
@@ -88,8 +89,6 @@ def write_run_grids(run_dir: Path, dataset: SegmentationDataset, rows: List[Dict
         if not dice:
             continue
         worst = [index_of[s] for s in sorted(dice, key=dice.get)[:n_images]]
-        written.append(overlay_grid(RunLayout(run_dir).plots / f"grid_{method}_sample.png", dataset, sample, run_dir, method,
-                                    dice=dice))
-        written.append(overlay_grid(RunLayout(run_dir).plots / f"grid_{method}_worst.png", dataset, worst, run_dir, method,
-                                    dice=dice))
+        written.append(overlay_grid(plots / f"grid_{method}_sample.png", dataset, sample, run_dir, method, dice=dice))
+        written.append(overlay_grid(plots / f"grid_{method}_worst.png", dataset, worst, run_dir, method, dice=dice))
     return written

@@ -67,8 +67,8 @@ def review_entries(run_dir: Path, producers: Optional[List[str]] = None, data_ro
     if not layout.config.is_file():
         raise WssegError(f"{run_dir}: not a run directory (no config.yaml)")
     config = load_recipe(str(layout.config))
-    mask_root = layout.root / "masks"
-    available = sorted(p.name for p in mask_root.glob("*") if p.is_dir() and read_confidence(p))
+    recorded = {p.name: read_confidence(p) for p in sorted((layout.root / "masks").glob("*")) if p.is_dir()}
+    available = [name for name, values in recorded.items() if values]
     producers = producers or available
     unknown = [p for p in producers if p not in available]
     if unknown:
@@ -79,6 +79,7 @@ def review_entries(run_dir: Path, producers: Optional[List[str]] = None, data_ro
     if layout.per_image.is_file():
         with layout.per_image.open() as handle:
             dice = {(r["method"], r["stem"]): float(r["dice"]) for r in csv.DictReader(handle)}
+    sources = {producer: _map_source(config, producer, layout) for producer in producers}
     entries = []
     for index in progress(range(len(dataset)), total=len(dataset), description="review page"):
         stem = dataset.records[index].stem
@@ -96,9 +97,9 @@ def review_entries(run_dir: Path, producers: Optional[List[str]] = None, data_ro
                 picture = _outline(picture, cv2.resize(truth.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0,
                                    (255, 0, 255))
             entry = {"producer": producer, "stem": stem, "image": _data_uri(picture),
-                     "confidence": read_confidence(layout.masks(producer)).get(stem),
+                     "confidence": recorded[producer].get(stem),
                      "dice": dice.get((producer, stem))}
-            source = _map_source(config, producer, layout)
+            source = sources[producer]
             if source is not None and (layout.maps(source) / f"{stem}.npy").is_file():
                 activation = resize_map(load_map(layout.maps(source) / f"{stem}.npy"), *small.shape[:2])
                 heat = cv2.applyColorMap((activation * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]

@@ -2,8 +2,8 @@
 Label Studio (brush pre-annotations, through label-studio-converter) and a PNG folder.
 
 `export_run_masks` writes one producer's masks of a run; `read_masks` reads corrected masks back, in
-any of the formats, as {image stem: boolean mask}; `write_png_folder` is what `wsseg masks import`
-writes. Every format round-trips bit for bit at each image's own size (tests/test_annotations.py).
+any of the formats, as {image stem: boolean mask}, which `wsseg masks import` writes as a png folder.
+Every format round-trips bit for bit at each image's own size (tests/test_annotations.py).
 """
 
 from __future__ import annotations
@@ -82,16 +82,5 @@ def export_run_masks(run_dir: Path, fmt: str, out: Path, producer: str = "unet",
     return write_masks(run_mask_items(run_dir, producer, data_root, least_confident), fmt, out, label)
 
 
-def write_png_folder(masks: Dict[str, "np.ndarray"], out_dir: Path) -> Path:  # noqa: F821
-    """`out_dir/<stem>.png`, 0/255, written atomically: the corrected-mask folder a recipe can read."""
-    from wsseg.data.io import write_mask_png
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stem, mask in masks.items():
-        write_mask_png(out_dir / f"{stem}.png", mask)
-    return out_dir
-
-
 __all__ = ["FORMATS", "MaskItem", "export_run_masks", "list_formats", "read_masks", "run_mask_items",
-           "write_masks", "write_png_folder"]
+           "write_masks"]

@@ -59,11 +59,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from wsseg.annotations import read_masks, write_png_folder
+    from wsseg.annotations import MaskItem, read_masks, write_masks
     from wsseg.cli.ui import console
 
     masks = read_masks(args.path, args.format)
-    out = write_png_folder(masks, args.out)
+    out = write_masks([MaskItem(stem, f"{stem}.png", mask) for stem, mask in masks.items()], "png", args.out)
     console.print(f"[green]wrote[/green] {len(masks)} masks to {out}")
     return 0
 

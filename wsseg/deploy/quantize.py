@@ -141,15 +141,11 @@ def calibration_batches(dataset, model_path: Path, n_images: int) -> List[np.nda
     return [preprocess(dataset.load_image(int(i)), info)[None] for i in picks]
 
 
-def run_training_images(run_dir: Path, data_root=None):
-    """The U-Net training images of a finished run, read from its `config.yaml` (for `wsseg export --int8`
+def run_training_images(config, data_root=None):
+    """The U-Net training images of a finished run's recipe (its `config.yaml`, for `wsseg export --int8`
     outside a run); unreadable files are left out, as a calibration image is only a sample."""
-    from wsseg.config import load_recipe
     from wsseg.data import DatasetCatalog
 
-    from wsseg.pipeline.layout import RunLayout
-
-    config = load_recipe(str(RunLayout(run_dir).config))
     return DatasetCatalog(data_root, "skip").concat(config.segment.train, "segment.train")
 
 
@@ -162,17 +158,18 @@ def quantize_from_run(run_dir: Path, n_images: Optional[int] = None, data_root=N
     `export.calibration_images`."""
     from wsseg.config_schema import ExportConfig
     from wsseg.deploy.onnx_export import read_metadata
-
     from wsseg.pipeline.layout import RunLayout
 
     layout = RunLayout(run_dir)
     model_path = Path(model_path) if model_path else layout.model_onnx
-    if n_images is None:
+    if n_images is None or calibration_set is None:  # outside a run: config.yaml says, read once
         from wsseg.config import load_recipe
 
-        n_images = (load_recipe(str(layout.config)).export or ExportConfig()).calibration_images
-    if calibration_set is None:
-        calibration_set = run_training_images(run_dir, data_root)
+        config = load_recipe(str(layout.config))
+        if n_images is None:
+            n_images = (config.export or ExportConfig()).calibration_images
+        if calibration_set is None:
+            calibration_set = run_training_images(config, data_root)
     batches = calibration_batches(calibration_set, model_path, n_images)
     out = quantize_int8(model_path, model_path.with_name(model_path.stem + ".int8.onnx"), batches, keep_float)
     agreement = mask_agreement(model_path, out, batches, float(read_metadata(model_path)["threshold"]))
