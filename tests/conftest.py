@@ -76,9 +76,10 @@ def pets_root(tmp_path) -> Path:
 
 def tiny_demo_overrides(out_methods=("ccam", "ccam_cls", "gradcam", "hirescam", "fullgrad")):
     ccam = []
-    for i in range(2):
-        ccam += [f"ccam.{i}.train.0.options.n=16", f"ccam.{i}.train.0.options.size=64", f"ccam.{i}.image_size=64",
-                 f"ccam.{i}.epochs=1", f"ccam.{i}.batch_size=8"]
+    for name in ("ccam", "ccam_cls"):
+        key = f"maps.method_options.{name}"
+        ccam += [f"{key}.train.0.options.n=16", f"{key}.train.0.options.size=64", f"{key}.image_size=64",
+                 f"{key}.epochs=1", f"{key}.batch_size=8"]
     segment = ["segment.train.0.options.n=16", "segment.train.0.options.size=64", "segment.image_size=64",
                "segment.epochs=1", "segment.batch_size=4", "export.calibration_images=2",
                "segment.self_training_rounds=1", "pseudo_masks.calibrate.dataset.options.size=64",

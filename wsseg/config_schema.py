@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, get_args
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Tuple, get_args
 
 
 @dataclass
@@ -32,6 +32,7 @@ CCAMInit = Literal["imagenet", "classifier"]
 CCAMOptimizer = Literal["sgd", "adam"]
 CCAMPolarity = Literal["auto", "border", "classifier", "none", "inverted"]
 InferenceBackend = Literal["torch", "onnx"]
+UNetBackend = Literal["torch", "onnx", "onnx_int8"]  # segment.inference_backend
 MaskThresholdMode = Literal["fixed", "otsu", "calibrated"]  # pseudo_masks.variants.*.threshold_mode
 PredictThresholdMode = Literal["fixed", "calibrated"]  # segment.predict.threshold_mode
 SelfTrainingInit = Literal["fresh", "previous"]
@@ -98,8 +99,9 @@ class MapsConfig:
 
 @dataclass
 class CCAMConfig:
-    """One CCAM variant. `init: imagenet` is the original method; `init: classifier` takes the backbone
-    from the classifier stage (the paper's change). `name` is the map method name it reports under."""
+    """The options of the `ccam` map method (`maps.method_options.<name>`, wsseg.cams.ccam). `init:
+    imagenet` is the original method; `init: classifier` takes the backbone from the classifier stage (the
+    paper's change). `name` is the key it reports under, set by the recipe loader."""
 
     name: str = "ccam"
     init: CCAMInit = "imagenet"
@@ -183,6 +185,13 @@ class SegmentConfig:
     # A folder of hand-corrected masks, <image stem>.png (`wsseg masks import` writes one): for the training
     # images it covers, the U-Net and every self-training round learn from these instead of pseudo-masks.
     corrected_masks: Optional[str] = None
+    # What computes a trained U-Net's probabilities in the run (its masks, the self-training labels, the
+    # calibration): eager PyTorch, or ONNX Runtime on the exported model (fp32, or INT8 calibrated on 16
+    # training images). The run's caches key on it where it changes what is made: the labels of later rounds.
+    inference_backend: UNetBackend = "torch"
+
+    #: Left out of this section's fingerprints (wsseg.pipeline.executor): added where it matters instead.
+    NOT_FINGERPRINTED: ClassVar[Tuple[str, ...]] = ("inference_backend",)
 
 
 @dataclass
@@ -255,7 +264,6 @@ class RecipeConfig:
     on_bad_image: OnBadImage = "error"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     classifier: Optional[ClassifierConfig] = None
-    ccam: List[CCAMConfig] = field(default_factory=list)
     maps: MapsConfig = field(default_factory=MapsConfig)
     segment: Optional[SegmentConfig] = None
     export: Optional[ExportConfig] = None

@@ -37,7 +37,7 @@ log = logging.getLogger("wsseg")
 #: A recipe's stages in the order they run; each one skips itself when the recipe leaves it out.
 RECIPE_STAGES: List[Stage] = [
     ClassifierStage(),   # image labels -> classifier checkpoint
-    MapMethodsStage(),   # classifier, ccam -> a map producer per maps.methods entry (CCAM trained here)
+    MapMethodsStage(),   # classifier -> a map producer per maps.methods entry (methods that train, e.g. CCAM, here)
     MapsStage(),         # producers, maps.dataset -> maps/<method>/
     MaskRulesStage(),    # producers, pseudo_masks -> a rule per producer and variant (calibrated thresholds)
     PseudoMasksStage(),  # rules, maps -> masks/<producer>/, blind references

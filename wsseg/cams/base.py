@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Iterable, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Iterable, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,6 +38,41 @@ class MapMethod(ABC):
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class TrainedMapMethod:
+    """A registry entry for a map method that trains a model of its own in the run (CCAM). Its options are
+    the dataclass `options_type` (`maps.method_options.<name>`, checked by the recipe loader); calling it
+    with a trained `model` builds the MapMethod.
+
+    `train(context, name, options)` runs inside the map-methods stage: it trains (through `context.cached`,
+    keyed on what it read), registers what export writes in `context.exports[name]`, and returns the
+    `wsseg.pipeline.MapProducer` that maps any dataset."""
+
+    options_type: type = object
+
+    def __call__(self, model=None, target_layer: str = "auto", **options) -> MapMethod:
+        raise NotImplementedError
+
+    def requires_classifier(self, options: Any) -> bool:
+        """Whether the recipe needs the classifier stage for these options."""
+        return False
+
+    def problems(self, options: Any, key: str) -> List[str]:
+        """What is wrong with `options` beyond their types (`key` names them in the recipe)."""
+        return []
+
+    def train(self, context, name: str, options: Any):
+        raise NotImplementedError
+
+    def untrained_model(self, backbone: str, weights: str, options: Any):
+        """The model as initialised (`wsseg bench maps` times it: speed does not depend on training)."""
+        raise NotImplementedError
+
+    def export(self, checkpoint: Path, out_path: Path, opset: int = 17):
+        """Write the trained model as ONNX and return a report (a dict, recorded in metrics.json); the
+        run's export stage calls it through `context.exports`."""
+        raise NotImplementedError
 
 
 def resolve_target_layer(model: torch.nn.Module, target_layer: str = "auto") -> Tuple[str, torch.nn.Module]:

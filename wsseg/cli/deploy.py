@@ -75,7 +75,30 @@ def add_parser(subparsers) -> None:
     maps.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     maps.add_argument("--out", type=Path, help="write the rows as JSON here")
     _add_map_quality_parser(kinds)
+    _add_corrections_parser(kinds)
     maps.set_defaults(func=cmd_bench_maps)
+
+
+def _add_corrections_parser(kinds) -> None:
+    corrections = kinds.add_parser(
+        "corrections", help="the hand-labelling the review loop saves: U-Net Dice against corrected training masks",
+        description="Simulates a person who corrects a share of a finished run's training masks (their real mask "
+                    "replaces the pseudo-mask), chosen least confident first or at random, and trains the recipe's "
+                    "U-Net again for each share. Every stage before the U-Net comes from the run's cache. Writes "
+                    "corrections.json and corrections.png; a stopped bench continues where it stopped.")
+    corrections.add_argument("run", type=Path, help="a finished run directory whose segment.train has masks")
+    corrections.add_argument("overrides", nargs="*", metavar="key=value",
+                             help="applied to every point, e.g. segment.self_training_rounds=0 for a cheaper curve")
+    corrections.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2],
+                             help="shares of the training images corrected (default: 0 0.05 0.1 0.2)")
+    corrections.add_argument("--choose", nargs="+", default=["confidence", "random"], choices=["confidence", "random"],
+                             help="which images a person corrects: the least confident masks first, or at random")
+    corrections.add_argument("--seed", type=int, default=0, help="the random draw")
+    corrections.add_argument("--supervised", type=Path,
+                             help="a run of the same U-Net on the real masks (e.g. polyp_supervised): its Dice is drawn")
+    corrections.add_argument("--out", type=Path, help="where the points' runs and the curve go (default RUN/corrections)")
+    corrections.add_argument("--data-root", type=Path, help="folder holding the datasets (default $WSSEG_DATA or ./data)")
+    corrections.set_defaults(func=cmd_bench_corrections)
 
 
 def _add_map_quality_parser(kinds) -> None:
@@ -261,6 +284,40 @@ def cmd_bench_infer(args) -> int:
     rows = bench_inference(torch_model, onnx_paths, size, args.batch_sizes, iters=args.iters, threads=args.threads,
                            rounds=args.rounds)
     _print_rows(f"inference at {size}x{size}, {torch.get_num_threads()} torch threads", rows, args.out)
+    return 0
+
+
+def cmd_bench_corrections(args) -> int:
+    import json
+
+    from rich.table import Table
+
+    from wsseg.cli.ui import console, rich_progress, setup_console_logging
+    from wsseg.corrections import bench_corrections, write_curve
+    from wsseg.errors import WssegError
+
+    setup_console_logging(False)
+    supervised = None
+    if args.supervised is not None:
+        metrics_file = args.supervised / "metrics.json"
+        if not metrics_file.is_file():
+            raise WssegError(f"bench corrections --supervised: {metrics_file} does not exist")
+        supervised = json.loads(metrics_file.read_text()).get("unet", {}).get("dice")
+    out = args.out or args.run / "corrections"
+    with rich_progress() as progress:
+        points = bench_corrections(args.run, args.fractions, args.choose, out, args.overrides, args.data_root,
+                                   args.seed, progress)
+    files = write_curve(points, out, supervised, f"{args.run.name}: Dice against hand-corrected masks")
+    table = Table(title="U-Net Dice against hand-corrected training masks")
+    for column in ("chosen by", "share", "masks corrected", "dice", "iou") + (("of supervised",) if supervised else ()):
+        table.add_column(column, justify="left" if column == "chosen by" else "right")
+    for p in points:
+        row = [p.choose, f"{p.fraction:.0%}", str(p.n_corrected), f"{p.dice:.3f}", f"{p.iou:.3f}"]
+        table.add_row(*row, *([f"{p.dice / supervised:.0%}"] if supervised else []))
+    if supervised:
+        table.add_row("fully supervised", "100%", "all", f"{supervised:.3f}", "", "100%")
+    console.print(table)
+    console.print(f"curve: {files['plot']}, numbers: {files['json']}")
     return 0
 
 

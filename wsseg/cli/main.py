@@ -22,7 +22,7 @@ def cmd_list(args) -> int:
 
     def maps():  # with the options each takes from maps.method_options
         return [f"{m} ({', '.join(map_method_options(m))})" if map_method_options(m) else m
-                for m in list_map_methods()] + ["(ccam: named in the recipe)"]
+                for m in list_map_methods()]
 
     kinds = {"datasets": list_datasets, "maps": maps,
              "weights": list_weight_sources, "references": list_reference_producers,

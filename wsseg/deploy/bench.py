@@ -101,26 +101,28 @@ def bench_maps(methods: Dict[str, Callable[[torch.Tensor], object]], image_size:
 def map_method_callables(backbone: str, weights: str, names: Sequence[str], stages=(-2, -1),
                          output_stride: int = 16, image_size: int = 224,
                          threads: Optional[int] = None) -> Dict[str, Callable]:
-    """CCAM inference (PyTorch and ONNX Runtime) and classifier-based methods on the same backbone."""
+    """Map methods on the same backbone: a method that trains its own model (CCAM) through PyTorch and ONNX
+    Runtime (its model as initialised: the speed does not depend on training), the others on a classifier."""
     import tempfile
 
-    from wsseg.cams import create_map_method
-    from wsseg.cams.ccam import CCAMMaps, CCAMOnnxMaps
+    from wsseg.cams import MAP_METHODS, create_map_method, is_trained
+    from wsseg.cams.ccam import CCAMOnnxMaps
     from wsseg.deploy.onnx_export import _export, _metadata
-    from wsseg.models.ccam import CCAM
     from wsseg.models.classifier import build_classifier
 
     out: Dict[str, Callable] = {}
     classifier = None
     for name in names:
-        if name == "ccam":
-            model = CCAM(backbone, weights, stages, output_stride).eval()
-            path = Path(tempfile.mkdtemp()) / "ccam.onnx"
-            _export(model, path, image_size, 17, _metadata("ccam", image_size, (0.5,) * 3, (0.5,) * 3, 0.5, []))
+        if is_trained(name):
+            entry = MAP_METHODS.get(name)
+            options = entry.options_type(stages=list(stages), output_stride=output_stride, image_size=image_size)
+            model = entry.untrained_model(backbone, weights, options)
+            path = Path(tempfile.mkdtemp()) / f"{name}.onnx"
+            _export(model, path, image_size, 17, _metadata(name, image_size, (0.5,) * 3, (0.5,) * 3, 0.5, []))
             onnx_maps = CCAMOnnxMaps(path, threads, device="cpu")
-            out["ccam (onnxruntime)"] = lambda x, m=onnx_maps: m.compute(x)
-            torch_maps = CCAMMaps(model)
-            out["ccam (pytorch)"] = lambda x, m=torch_maps: m.compute(x)
+            out[f"{name} (onnxruntime)"] = lambda x, m=onnx_maps: m.compute(x)
+            torch_maps = entry(model=model)
+            out[f"{name} (pytorch)"] = lambda x, m=torch_maps: m.compute(x)
         else:
             classifier = classifier or build_classifier(backbone, weights, 2).eval()
             method = create_map_method(name, model=classifier)

@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -129,10 +129,11 @@ def export_ccam(checkpoint: Path, out_path: Path, opset: int = 17, threshold: fl
     return _export(model, out_path, meta["image_size"], opset, metadata)
 
 
-def export_run_models(layout, config, artifacts: Dict[str, Path], calibration_set=None) -> Dict:
-    """Export what a run trained (`layout`: its wsseg.pipeline.RunLayout): `model.onnx` (U-Net),
-    `<ccam name>.onnx`, and `model.int8.onnx` if asked, calibrated on `calibration_set` (the run's U-Net
-    training images)."""
+def export_run_models(layout, config, artifacts: Dict[str, Path], calibration_set=None,
+                      map_exports: Optional[Dict[str, Callable]] = None) -> Dict:
+    """Export what a run trained (`layout`: its wsseg.pipeline.RunLayout): `model.onnx` (U-Net) and
+    `model.int8.onnx` if asked, calibrated on `calibration_set` (the run's U-Net training images), and each
+    trained map method's model as `<name>.onnx` through its export hook (`map_exports`: name -> fn(out, opset))."""
     report: Dict = {}
     if "unet" in artifacts:
         report["unet"] = export_segmenter(artifacts["unet"], layout.model_onnx, config.opset).as_dict()
@@ -141,9 +142,8 @@ def export_run_models(layout, config, artifacts: Dict[str, Path], calibration_se
 
             report["unet_int8"] = quantize_from_run(layout.root, config.calibration_images, None,
                                                     config.int8_keep_float, layout.model_onnx, calibration_set)
-    for name, path in artifacts.items():
-        if name != "unet":
-            report[name] = export_ccam(path, layout.ccam_onnx(name), config.opset).as_dict()
+    for name, export in (map_exports or {}).items():
+        report[name] = export(layout.map_model_onnx(name), config.opset)
     return report
 
 

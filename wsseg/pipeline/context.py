@@ -43,7 +43,9 @@ class RunContext:
     device: torch.device
     progress: ProgressFn = no_progress
     metrics: Dict[str, Any] = field(default_factory=dict)
-    artifacts: Dict[str, Path] = field(default_factory=dict)  # what export writes: name -> checkpoint
+    artifacts: Dict[str, Path] = field(default_factory=dict)  # what the run trained: name -> checkpoint
+    # How export writes a trained map method's model: name -> fn(out_path, opset) (its `export` hook).
+    exports: Dict[str, Callable[[Path, int], Any]] = field(default_factory=dict)
     eval_set: Optional[SegmentationDataset] = None  # maps.dataset: the images masked and scored
     classifier: Optional[Tuple[Path, str]] = None  # checkpoint, fingerprint
     producers: Dict[str, MapProducer] = field(default_factory=dict)

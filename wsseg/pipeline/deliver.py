@@ -16,7 +16,7 @@ class ExportStage(Stage):
     so the table shows what export (and INT8) costs in Dice."""
 
     name = "export"
-    reads = ("artifacts", "config.export", "eval_set")
+    reads = ("artifacts", "exports", "config.export", "eval_set")
     writes = ("mask_dirs", "metrics.export")
 
     def enabled(self, config: RecipeConfig) -> bool:
@@ -34,7 +34,8 @@ class ExportStage(Stage):
             calibration_set = None
             if config.segment is not None and config.export.int8:  # INT8 calibrates on the U-Net's training images
                 calibration_set = context.catalog.concat(config.segment.train, "segment.train")
-            context.metrics["export"] = export_run_models(layout, config.export, context.artifacts, calibration_set)
+            context.metrics["export"] = export_run_models(layout, config.export, context.artifacts, calibration_set,
+                                                          context.exports)
         for name, path in (("unet_onnx", layout.model_onnx), ("unet_onnx_int8", layout.model_int8)):
             if path.is_file():
                 context.mask_dirs[name] = write_onnx_masks(path, context.eval_set, layout.masks(name))

@@ -35,11 +35,26 @@ def fingerprint(*parts: Any) -> str:
 
 
 def _plain(value: Any) -> Any:
-    from dataclasses import asdict, is_dataclass
+    from dataclasses import is_dataclass
 
     if is_dataclass(value) and not isinstance(value, type):
-        return asdict(value)
+        return _fields(value)
     return str(value)
+
+
+def _fields(value: Any) -> Any:
+    """A dataclass as `dataclasses.asdict` gives it, less the fields its class lists in `NOT_FINGERPRINTED`
+    (how something is computed, not what: a stage that depends on one adds it to its fingerprint itself)."""
+    from dataclasses import fields, is_dataclass
+
+    if is_dataclass(value) and not isinstance(value, type):
+        skip = getattr(type(value), "NOT_FINGERPRINTED", ())
+        return {f.name: _fields(getattr(value, f.name)) for f in fields(value) if f.name not in skip}
+    if isinstance(value, (list, tuple)):
+        return [_fields(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _fields(v) for k, v in value.items()}
+    return value
 
 
 class StageTimer:

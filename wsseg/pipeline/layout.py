@@ -6,7 +6,7 @@
     maps/<method>/<stem>.npy     maps of the evaluation images (maps_train/, maps_calibrate/ likewise)
     masks/<producer>/<stem>.png  every producer's masks of the evaluation images
     train_masks/<name>-<digest>/<stem>.png   the labels a U-Net learns from
-    model.onnx  model.int8.onnx  <ccam name>.onnx   what export writes
+    model.onnx  model.int8.onnx  <map method>.onnx   what export writes (a trained map method: CCAM)
     plots/
 """
 
@@ -90,9 +90,10 @@ class RunLayout:
     def model_int8(self) -> Path:
         return self.root / "model.int8.onnx"
 
-    def ccam_onnx(self, name: str) -> Path:
+    def map_model_onnx(self, name: str) -> Path:
+        """A trained map method's exported model (`<name>.onnx`)."""
         return self.root / f"{name}.onnx"
 
-    def ccam_maps_onnx(self, name: str) -> Path:
-        """The CCAM map model ONNX Runtime labels with (`ccam.inference_backend: onnx`)."""
+    def map_labelling_onnx(self, name: str) -> Path:
+        """The map model ONNX Runtime labels with inside the run (CCAM's `inference_backend: onnx`)."""
         return self.checkpoints / f"{name}.maps.onnx"

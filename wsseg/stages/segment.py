@@ -19,7 +19,7 @@ from wsseg.data.io import write_mask_png
 from wsseg.data.transforms import TorchDataset, train_transform
 from wsseg.device import autocast, batch_to, seed_everything
 from wsseg.errors import ConfigError
-from wsseg.models.segmenter import (SegmenterMeta, build_unet, encoder_normalisation, load_segmenter, probability_model,
+from wsseg.models.segmenter import (SegmenterMeta, build_unet, encoder_normalisation, load_segmenter,
                                     save_segmenter, with_prediction)
 from wsseg.progress import ProgressFn, no_progress
 from wsseg import distributed as dist
@@ -105,22 +105,23 @@ def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: Se
 
 
 def _probability_batches(model, meta: SegmenterMeta, dataset: SegmentationDataset, device, batch_size: int,
-                         progress: ProgressFn, indices: Optional[Sequence[int]], description: str):
+                         progress: ProgressFn, indices: Optional[Sequence[int]], description: str,
+                         predictor=None):
     """(dataset index, probability map at the input size) for each image, in batches, predicted as `meta`
-    says (`input_size`, flips averaged)."""
-    net = probability_model(model, meta).to(device).eval()
+    says (`input_size`, flips averaged), by `predictor` (wsseg.stages.unet_predict; default eager PyTorch)."""
+    from wsseg.stages.unet_predict import torch_predictor
+
+    predict = predictor or torch_predictor(model, meta, device)
     loader = eval_loader(dataset, meta.input_size, meta.mean, meta.std, batch_size, indices)
     for batch in progress(loader, total=len(loader), description=description):
-        with torch.no_grad(), autocast(device):
-            probs = net(batch["image"].to(device))[:, 0].float().cpu().numpy()
-        yield from zip(batch["index"].tolist(), probs)
+        yield from zip(batch["index"].tolist(), predict(batch["image"]))
 
 
 def _image_probabilities(model, meta: SegmenterMeta, dataset: SegmentationDataset, device, batch_size: int,
-                         progress: ProgressFn, indices: Optional[Sequence[int]]):
+                         progress: ProgressFn, indices: Optional[Sequence[int]], predictor=None):
     """(dataset index, probability map resized to the image's own size) for each image."""
     for index, prob in _probability_batches(model, meta, dataset, device, batch_size, progress, indices,
-                                            "unet predict"):
+                                            "unet predict", predictor):
         height, width = dataset.image_size(index)
         yield index, cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
 
@@ -143,14 +144,15 @@ def predict_masks(model: torch.nn.Module, meta: SegmenterMeta, dataset: Segmenta
 
 def write_masks(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset,
                 outputs: Mapping[Path, Tuple[Sequence, float]], device: torch.device, batch_size: int = 8,
-                progress: ProgressFn = no_progress, indices: Optional[Sequence[int]] = None) -> None:
+                progress: ProgressFn = no_progress, indices: Optional[Sequence[int]] = None, predictor=None) -> None:
     """Several mask folders from one prediction pass: `outputs` maps each folder to its `refine` steps
     (empty: plain masks) and threshold. The same masks as one `predict_masks` call per folder, at the cost
     of one, which matters when prediction averages flips at a larger size."""
     from wsseg.confidence import ConfidenceLog
 
     confidence = {out_dir: ConfidenceLog(out_dir) for out_dir in outputs}
-    for index, prob in _image_probabilities(model, meta, dataset, device, batch_size, progress, indices):
+    for index, prob in _image_probabilities(model, meta, dataset, device, batch_size, progress, indices,
+                                            predictor):
         stem = dataset.records[index].stem
         for out_dir, (refine, threshold) in outputs.items():
             mask = refined_mask(prob, dataset, index, refine, threshold)
@@ -162,22 +164,22 @@ def write_masks(model: torch.nn.Module, meta: SegmenterMeta, dataset: Segmentati
 
 def calibrate_unet_threshold(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset,
                              grid: Sequence[float], device: torch.device,
-                             batch_size: int = 8) -> Tuple[float, Dict[float, float]]:
+                             batch_size: int = 8, predictor=None) -> Tuple[float, Dict[float, float]]:
     """The `grid` threshold whose masks have the best mean Dice on `dataset` (a few labelled images, never
     the evaluation images), the U-Net predicting as `meta` says; and the Dice of each grid value."""
-    probs = list(_image_probabilities(model, meta, dataset, device, batch_size, no_progress, None))
+    probs = list(_image_probabilities(model, meta, dataset, device, batch_size, no_progress, None, predictor))
     truths = [dataset.load_mask(index) for index, _ in probs]
     return best_grid_threshold(grid, truths, lambda t: [prob >= t for _, prob in probs])
 
 
 def write_probabilities(model: torch.nn.Module, meta: SegmenterMeta, dataset: SegmentationDataset, out_dir: Path,
                         device: torch.device, batch_size: int = 8, progress: ProgressFn = no_progress,
-                        indices: Optional[Sequence[int]] = None) -> Path:
+                        indices: Optional[Sequence[int]] = None, predictor=None) -> Path:
     """U-Net probabilities at the input size as `out_dir/<stem>.npy` (float16), for self-training."""
     from wsseg.stages.maps import save_map
 
     for index, prob in _probability_batches(model, meta, dataset, device, batch_size, progress, indices,
-                                            "unet relabel"):
+                                            "unet relabel", predictor):
         save_map(Path(out_dir) / f"{dataset.records[index].stem}.npy", prob)
     return Path(out_dir)
 

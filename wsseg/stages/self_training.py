@@ -13,13 +13,13 @@ import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict
 
 from wsseg import distributed as dist
 from wsseg.config_schema import CLASSIFIER_WEIGHTS, RecipeConfig, SegmentConfig
 from wsseg.pipeline.context import RunContext, Stage
 from wsseg.pipeline.executor import fingerprint
 from wsseg.pipeline.masks import maps_for, rule_digest
+from wsseg.stages.unet_predict import Predictors, backend_key
 
 log = logging.getLogger("wsseg")
 
@@ -100,31 +100,38 @@ class SegmentStage(Stage):
             context.metrics[f"{name}_training"] = result["metrics"]
             checkpoint = Path(result["checkpoint"])
             model, meta = load_segmenter(checkpoint)
-            meta = predicting_as_configured(context, name, model, meta)
-            if dist.is_main():
-                save_prediction_settings(checkpoint, meta)
-            label_meta = with_prediction(replace(meta, threshold=seg.threshold), probabilities_predict)
-            context.mask_dirs[name] = layout.masks(name)
-            passes = [(meta, {layout.masks(name): ((), meta.threshold)})]  # one prediction pass per way of predicting
-            if not last and seg.self_training_refine:  # the next round's labels, on the evaluation images too
-                context.mask_dirs[f"{name}_refined"] = layout.masks(f"{name}_refined")
-                refined = {layout.masks(f"{name}_refined"): (seg.self_training_refine, seg.threshold)}
-                if (label_meta.input_size, label_meta.flips) == (meta.input_size, meta.flips):
-                    passes[0][1].update(refined)
-                else:
-                    passes.append((label_meta, refined))
-            for pass_meta, mask_sets in passes:
-                write_masks(model, pass_meta, context.eval_set, mask_sets, context.device, seg.batch_size,
-                            context.progress, indices=dist.shard(range(len(context.eval_set))))
-            if not last:  # the next round learns from this model's confident pixels
-                prob_dir = probabilities(context, name, model, label_meta, train_set, digest, seg.batch_size)
-                labels_fp = fingerprint(digest, seg.confident_band, seg.self_training_refine, probabilities_predict)
-                labels = with_corrections(
-                    confident_mask_source(train_set, prob_dir, seg.confident_band, seg.self_training_refine,
-                                          cache_dir=layout.labels(name, labels_fp), threshold=seg.threshold),
-                    train_set, corrections or {})  # self-training never overwrites a correction
+            model = model.to(context.device)
+            with Predictors(model, context.device, seg.inference_backend, train_set) as predictors:
+                meta = predicting_as_configured(context, name, model, meta, predictors)
+                if dist.is_main():
+                    save_prediction_settings(checkpoint, meta)
+                label_meta = with_prediction(replace(meta, threshold=seg.threshold), probabilities_predict)
+                context.mask_dirs[name] = layout.masks(name)
+                passes = [(meta, {layout.masks(name): ((), meta.threshold)})]  # one prediction pass per way of predicting
+                if not last and seg.self_training_refine:  # the next round's labels, on the evaluation images too
+                    context.mask_dirs[f"{name}_refined"] = layout.masks(f"{name}_refined")
+                    refined = {layout.masks(f"{name}_refined"): (seg.self_training_refine, seg.threshold)}
+                    if (label_meta.input_size, label_meta.flips) == (meta.input_size, meta.flips):
+                        passes[0][1].update(refined)
+                    else:
+                        passes.append((label_meta, refined))
+                for pass_meta, mask_sets in passes:
+                    write_masks(model, pass_meta, context.eval_set, mask_sets, context.device, seg.batch_size,
+                                context.progress, indices=dist.shard(range(len(context.eval_set))),
+                                predictor=predictors.get(pass_meta))
+                if not last:  # the next round learns from this model's confident pixels
+                    prob_dir = probabilities(context, name, model, label_meta, train_set, digest, seg.batch_size,
+                                             predictors)
+                    labels_fp = fingerprint(digest, seg.confident_band, seg.self_training_refine, probabilities_predict,
+                                            *backend_key(seg.inference_backend))
+                    labels = with_corrections(
+                        confident_mask_source(train_set, prob_dir, seg.confident_band, seg.self_training_refine,
+                                              cache_dir=layout.labels(name, labels_fp), threshold=seg.threshold),
+                        train_set, corrections or {})  # self-training never overwrites a correction
             dist.barrier()
-        return checkpoint, labels, digest
+        # The next round is keyed on this one, and on what made its labels' probabilities.
+        upstream = digest if seg.inference_backend == "torch" else fingerprint(digest, seg.inference_backend)
+        return checkpoint, labels, upstream
 
 
 def label_prediction(seg: SegmentConfig):
@@ -146,22 +153,24 @@ def round_inputs(seg: SegmentConfig, round_index: int) -> SegmentConfig:
                    self_training_epochs=defaults.self_training_epochs, predict=defaults.predict)
 
 
-def probabilities(context: RunContext, name: str, model, meta, train_set, digest: str, batch_size: int) -> Path:
+def probabilities(context: RunContext, name: str, model, meta, train_set, digest: str, batch_size: int,
+                  predictors) -> Path:
     """A U-Net's probabilities of its training images, from which the next round's labels are made."""
     from wsseg.stages.segment import write_probabilities
 
     def write():
         prob_dir = context.layout.probabilities(name)
         write_probabilities(model, meta, train_set, prob_dir, context.device, batch_size, context.progress,
-                            indices=dist.shard(range(len(train_set))))
+                            indices=dist.shard(range(len(train_set))), predictor=predictors.get(meta))
         dist.barrier()
         return str(prob_dir)
 
-    digest = fingerprint(digest, label_prediction(context.config.segment))
+    seg = context.config.segment
+    digest = fingerprint(digest, label_prediction(seg), *backend_key(seg.inference_backend))
     return Path(context.cached(f"{name}_probabilities", digest, write, lambda r: [Path(r)]))
 
 
-def predicting_as_configured(context: RunContext, name: str, model, meta):
+def predicting_as_configured(context: RunContext, name: str, model, meta, predictors):
     """The U-Net's meta as `segment.predict` says, its threshold calibrated on the calibration images if asked
     (prediction settings are not part of a U-Net's fingerprint: a reused U-Net follows the recipe)."""
     from wsseg.models.segmenter import with_prediction
@@ -174,7 +183,7 @@ def predicting_as_configured(context: RunContext, name: str, model, meta):
         with context.timer("unet_threshold"):
             threshold, curve = calibrate_unet_threshold(model, wanted, dataset,
                                                         context.config.pseudo_masks.calibrate.grid, context.device,
-                                                        seg.batch_size)
+                                                        seg.batch_size, predictors.get(wanted))
         threshold = dist.broadcast_object(threshold)  # every rank thresholds its shard as rank 0 does
         wanted = replace(wanted, threshold=threshold)
         context.record_calibration(name, threshold, len(dataset), curve)

@@ -1,0 +1,217 @@
+"""The hand-labelling the review loop saves, simulated: a person corrects a share of a finished run's training
+masks (their real mask replaces the pseudo-mask), chosen least confident first or at random, and the recipe's
+U-Net is trained again for each share (`wsseg bench corrections RUN_DIR`).
+
+Each point is a run folder of its own under the bench's output, its files hard-linked from the finished run:
+the executor's cache reuses every stage before the U-Net (classifier, maps, pseudo-masks, train labels),
+and the U-Net, keyed on the corrections, trains again. A stopped bench continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+
+from wsseg.config import load_recipe
+from wsseg.config_schema import RecipeConfig
+from wsseg.data import DatasetCatalog
+from wsseg.data.base import SegmentationDataset
+from wsseg.errors import WssegError
+from wsseg.pipeline.layout import RunLayout
+from wsseg.progress import ProgressFn, no_progress
+from wsseg.stages.common import write_json
+
+log = logging.getLogger("wsseg")
+
+CHOICES = ("confidence", "random")
+#: What each point's folder shares with the finished run (hard links): the caches of the stages before the U-Net.
+SHARED = ("stages", "checkpoints", "maps", "maps_train", "maps_calibrate", "train_masks", "masks")
+
+
+@dataclass
+class CorrectionPoint:
+    choose: str
+    fraction: float
+    n_corrected: int
+    dice: float
+    iou: float
+    run_dir: str
+
+
+def train_label_confidence(config: RecipeConfig, point_dir: Path, data_root=None,
+                           progress: ProgressFn = no_progress) -> Dict[str, float]:
+    """{stem: confidence} of the pseudo-mask each training image's U-Net learnt from (`segment.masks` applied
+    to the training maps), as `wsseg.confidence` scores any mask; object-free images score 1. The stages
+    before the U-Net run in `point_dir` (a linked copy of the finished run: all of them come from its cache)."""
+    from wsseg import distributed as dist
+    from wsseg.confidence import mask_confidence
+    from wsseg.pipeline import RunContext, StageExecutor
+    from wsseg.pipeline.map_methods import ClassifierStage, MapMethodsStage
+    from wsseg.pipeline.masks import MaskRulesStage, maps_for
+    from wsseg.refine import otsu_threshold
+
+    layout = RunLayout(point_dir)
+    context = RunContext(config, layout, StageExecutor(layout, resume=True), DatasetCatalog(data_root, config.on_bad_image),
+                         dist.local_device(config.device), progress)
+    for stage in (ClassifierStage(), MapMethodsStage(), MaskRulesStage()):
+        if stage.enabled(config):
+            stage.run(context)
+    seg = config.segment
+    train_set = context.catalog.concat(seg.train, "segment.train")
+    rule = context.rules[seg.masks]
+    map_dirs = {m: maps_for(context, m, train_set, "maps_train", seg.train, only_positives=True)
+                for m in rule.maps_needed}
+    values = {}
+    for i in progress(range(len(train_set)), total=len(train_set), description="confidence of the train masks"):
+        stem = train_set.records[i].stem
+        if not train_set.holds_object(i):
+            values[stem] = 1.0
+            continue
+        refined = rule.refined(train_set, i, map_dirs)
+        level = otsu_threshold(refined.activation) if rule.threshold_mode == "otsu" else rule.threshold
+        values[stem] = mask_confidence(refined.activation, level)
+    return values
+
+
+def choose_images(stems: Sequence[str], count: int, choose: str, confidence: Dict[str, float],
+                  seed: int = 0) -> List[str]:
+    """The `count` images a person corrects: the least confident first (ties by name), or a seeded random draw."""
+    if choose == "confidence":
+        return sorted(stems, key=lambda s: (confidence[s], s))[:count]
+    if choose == "random":
+        return sorted(random.Random(seed).sample(sorted(stems), count))
+    raise WssegError(f"bench corrections: --choose must be one of {', '.join(CHOICES)}, got '{choose}'")
+
+
+def write_corrections(train_set: SegmentationDataset, stems: Sequence[str], out_dir: Path) -> Path:
+    """The chosen images' real masks as `<stem>.png`, what `segment.corrected_masks` reads."""
+    from wsseg.data.io import write_mask_png
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = {r.stem: i for i, r in enumerate(train_set.records)}
+    for stem in stems:
+        target = out_dir / f"{stem}.png"
+        if not target.is_file():
+            write_mask_png(target, train_set.load_mask(index[stem]))
+    return out_dir
+
+
+def link_run(source: Path, target: Path) -> None:
+    """`target` as a copy of the finished run's caches, files hard-linked (copied where links fail). Every
+    writer replaces files atomically, so a point never writes through into the finished run."""
+    for name in SHARED:
+        folder = source / name
+        if not folder.exists():
+            continue
+        for path in folder.rglob("*"):
+            if path.is_file():
+                dest = target / path.relative_to(source)
+                if dest.exists():
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(path, dest)
+                except OSError:
+                    shutil.copy2(path, dest)
+    shutil.copy2(source / "config.yaml", target / "config.yaml")
+
+
+def bench_corrections(run_dir: Path, fractions: Sequence[float], choices: Sequence[str] = CHOICES,
+                      out_dir: Optional[Path] = None, overrides: Sequence[str] = (), data_root=None, seed: int = 0,
+                      progress: ProgressFn = no_progress) -> List[CorrectionPoint]:
+    """Val Dice of the recipe's U-Net for each share of corrected training masks and way of choosing them.
+    `overrides` (key=value) apply to every point, e.g. `segment.self_training_rounds=0` for a cheaper curve."""
+    from wsseg.runner import run_recipe
+
+    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
+    if not layout.config.is_file():
+        raise WssegError(f"bench corrections: {run_dir} holds no config.yaml (a finished `wsseg recipe run`)")
+    config = load_recipe(str(layout.config), overrides)
+    if config.segment is None:
+        raise WssegError(f"bench corrections: the recipe of {run_dir} trains no U-Net (no segment section)")
+    if config.segment.masks == "ground_truth":
+        raise WssegError(f"bench corrections: {run_dir} trained on the real masks already")
+    bad = [f for f in fractions if not 0 <= f <= 1]
+    if bad:
+        raise WssegError(f"bench corrections: fractions must lie in [0, 1], got {bad}")
+    catalog = DatasetCatalog(data_root, config.on_bad_image)
+    train_set = catalog.concat(config.segment.train, "segment.train")
+    if not train_set.has_masks:
+        raise WssegError(f"bench corrections: segment.train ({train_set.describe()}) has no masks to correct with")
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "corrections"
+    baseline = out_dir / "none"
+    baseline.mkdir(parents=True, exist_ok=True)
+    link_run(run_dir, baseline)
+    confidence_file = out_dir / "train_confidence.json"
+    if confidence_file.is_file():
+        confidence = json.loads(confidence_file.read_text())
+    else:
+        confidence = train_label_confidence(config, baseline, data_root, progress)
+        write_json(confidence_file, confidence)
+    stems = [r.stem for r in train_set.records]
+    points = []
+    for choose in choices:
+        for fraction in fractions:
+            count = int(round(fraction * len(stems)))
+            if count == 0 and choose != choices[0]:
+                continue  # nothing corrected: the same point whatever the choice
+            name = "none" if count == 0 else f"{choose}-{fraction:g}"
+            point_dir = out_dir / name
+            point = replace(config, export=None)
+            if count:
+                chosen = choose_images(stems, count, choose, confidence, seed)
+                folder = write_corrections(train_set, chosen, out_dir / "masks" / name)
+                point = replace(point, segment=replace(point.segment, corrected_masks=str(folder)))
+            point_dir.mkdir(parents=True, exist_ok=True)
+            link_run(run_dir, point_dir)
+            log.info("bench corrections: %s (%d of %d training masks corrected)", name, count, len(stems))
+            result = run_recipe(point, point_dir, data_root, progress, resume=True)
+            unet = result.metrics.get("unet", {})
+            points.append(CorrectionPoint("none" if count == 0 else choose, fraction, count,
+                                          float(unet.get("dice", float("nan"))), float(unet.get("iou", float("nan"))),
+                                          str(point_dir)))
+    return points
+
+
+def write_curve(points: Sequence[CorrectionPoint], out_dir: Path, supervised: Optional[float] = None,
+                title: str = "") -> Dict[str, Path]:
+    """corrections.json and corrections.png (val Dice against hand-drawn masks, one line per way of choosing)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {"points": [p.__dict__ for p in points], "supervised_dice": supervised}
+    (out_dir / "corrections.json").write_text(json.dumps(data, indent=2))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = [p for p in points if p.choose == "none"]
+    for choose in CHOICES:
+        line = sorted(base + [p for p in points if p.choose == choose], key=lambda p: p.n_corrected)
+        if len(line) > len(base):
+            ax.plot([p.n_corrected for p in line], [p.dice for p in line], marker="o", label=f"chosen by {choose}")
+    if supervised is not None:
+        ax.axhline(supervised, color="grey", linestyle="--", label="fully supervised U-Net")
+    ax.set_xlabel("hand-corrected training masks")
+    ax.set_ylabel("U-Net Dice (evaluation images)")
+    ax.set_title(title or "Dice against hand-labelling")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "corrections.png", dpi=120)
+    plt.close(fig)
+    return {"json": out_dir / "corrections.json", "plot": out_dir / "corrections.png"}
+
+
+__all__ = ["CHOICES", "CorrectionPoint", "bench_corrections", "choose_images", "train_label_confidence",
+           "write_corrections", "write_curve"]
