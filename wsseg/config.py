@@ -176,7 +176,7 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
         datasets.append(("pseudo_masks.calibrate.dataset", config.pseudo_masks.calibrate.dataset))
     if config.segment is not None:
         datasets += [(f"segment.train.{j}", d) for j, d in enumerate(config.segment.train)]
-        producers = config.maps.methods + variant_names
+        producers = config.maps.methods + variant_names + (["selected"] if config.select is not None else [])
         if config.segment.masks != "ground_truth" and config.segment.masks not in producers:
             problems.append(f"segment.masks: '{config.segment.masks}' must be ground_truth or one of "
                             f"maps.methods or pseudo_masks.variants ({', '.join(producers)})")
@@ -234,11 +234,32 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
             problems.append(
                 f"evaluate.references.{i}: unknown producer '{r}' (valid: {', '.join(list_reference_producers())})"
             )
+    if config.select is not None:
+        problems += _select_problems(config, datasets)
     if not 0.0 <= config.pseudo_masks.threshold <= 1.0:
         problems.append(f"pseudo_masks.threshold: must lie in [0, 1], got {config.pseudo_masks.threshold}")
     for path, d in datasets:  # after every section has added its datasets
         if d.name not in list_datasets():
             problems.append(f"{path}.name: unknown dataset '{d.name}' (valid: {', '.join(list_datasets())})")
+    return problems
+
+
+def _select_problems(config: RecipeConfig, datasets: List[Tuple[str, Any]]) -> List[str]:
+    from wsseg.refine import validate_steps
+
+    sel, problems = config.select, []
+    if sel.labelled is not None:
+        datasets.append(("select.labelled", sel.labelled))
+    if sel.n_images < 1:
+        problems.append(f"select.n_images: at least 1, got {sel.n_images}")
+    if not sel.image_sizes or any(s < 32 for s in sel.image_sizes):
+        problems.append(f"select.image_sizes: one or more sizes of at least 32 px, got {sel.image_sizes}")
+    if not sel.tta or not sel.threshold_modes:
+        problems.append("select.tta and select.threshold_modes: at least one each")
+    for i, chain in enumerate(sel.refine):
+        problems += validate_steps(chain, f"select.refine.{i}")
+    if sel.refine_top < 0:
+        problems.append(f"select.refine_top: 0 or more, got {sel.refine_top}")
     return problems
 
 

@@ -27,7 +27,9 @@ class DatasetConfig:
 
 # The allowed values of a field are its type: the loader (wsseg.config) refuses anything else, naming the key.
 ClassifierSchedule = Literal["alternate", "concat"]
-MapTarget = Literal["positive", "label", "predicted"]  # the class each map explains
+# The class each map explains; auto: the positive class where some classes are object-free (polyp / no polyp),
+# else each image's own label (cat / dog: both classes hold an object).
+MapTarget = Literal["positive", "label", "predicted", "auto"]
 CCAMInit = Literal["imagenet", "classifier"]
 CCAMOptimizer = Literal["sgd", "adam"]
 CCAMPolarity = Literal["auto", "border", "classifier", "none", "inverted"]
@@ -246,6 +248,33 @@ class PseudoMaskConfig:
     calibrate: Optional[CalibrateConfig] = None
 
 
+def _default_select_chains() -> List[List["RefineStepConfig"]]:
+    """The refinement chains `select` tries: those the hand-tuned polyp and pet recipes came to."""
+    crf, tight = RefineStepConfig("dense_crf"), RefineStepConfig("dense_crf", None, {"offset": 0.08})
+    return [[], [crf], [tight], [crf, RefineStepConfig("largest_component"), RefineStepConfig("fill_holes")],
+            [tight, RefineStepConfig("grabcut", None, {"sure_above": 0.3, "sure_below": 0.15})]]
+
+
+@dataclass
+class SelectConfig:
+    """The run chooses its pseudo-mask producer on `n_images` labelled images drawn (with the recipe's seed)
+    from `labelled`, a training split, never the evaluation images: every map method of `maps.methods` at
+    each of `image_sizes` and `tta`, each threshold rule, and for the `refine_top` best map sets every
+    refinement chain of `refine` (wsseg.pipeline.select). `segment.masks: selected` trains the U-Net on the
+    winner. Without `labelled`, a documented label-free default is used and the report says so."""
+
+    labelled: Optional[DatasetConfig] = None
+    n_images: int = 10
+    image_sizes: List[int] = field(default_factory=lambda: [224, 256])
+    tta: List[TTAConfig] = field(default_factory=lambda: [TTAConfig(), TTAConfig(True, [1.0, 1.25])])
+    threshold_modes: List[MaskThresholdMode] = field(default_factory=lambda: ["fixed", "otsu", "calibrated"])
+    refine: List[List[RefineStepConfig]] = field(default_factory=_default_select_chains)
+    refine_top: int = 2
+    # Self-training rounds (up to segment.self_training_rounds) go on while a round's labels gain on the
+    # labelled images: the Dice of its refined predictions there against the previous labels'.
+    choose_rounds: bool = True
+
+
 @dataclass
 class EvaluateConfig:
     """Which blind reference producers appear beside the map methods."""
@@ -267,5 +296,6 @@ class RecipeConfig:
     maps: MapsConfig = field(default_factory=MapsConfig)
     segment: Optional[SegmentConfig] = None
     export: Optional[ExportConfig] = None
+    select: Optional[SelectConfig] = None
     pseudo_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

@@ -26,9 +26,26 @@ def markdown_report(name: str, metrics: Dict[str, Dict], timings: Dict[str, floa
     if "classifier" in metrics:
         lines += ["", "Classifier: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in metrics["classifier"].items())]
+    lines += select_lines(metrics.get("select"))
     lines += ["", "| stage | wall time (s) |", "|---|---:|"]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in timings.items()]
     return "\n".join(lines) + "\n"
+
+
+def select_lines(select, top: int = 15) -> List[str]:
+    """The select stage's choice and its best candidates (all of them are in select.json)."""
+    if not select:
+        return []
+    if not select.get("candidates"):
+        return ["", f"Select: {select.get('note', 'nothing chosen')}; producer {select['choice']['candidate']}."]
+    lines = ["", f"## Select ({select['labelled_images']} labelled images, {len(select['candidates'])} candidates)", "",
+             "| candidate | dice | leave-one-out |", "|---|---:|---:|"]
+    lines += [f"| {r['candidate']} | {r['dice']:.4f} | {r['loo_low']:.3f}-{r['loo_high']:.3f} |"
+              for r in select["candidates"][:top]]
+    for step in select.get("rounds", [])[1:]:
+        lines.append(f"\n{step['labels']}'s labels: Dice {step['dice']:.4f} on the labelled images"
+                     f" ({'gained: another round' if step['gained'] else 'no gain: the last round'})")
+    return lines
 
 
 def bar_chart(path: Path, metrics: Dict[str, Dict], title: str, columns=("dice", "iou", "precision", "recall")) -> Path:

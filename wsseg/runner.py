@@ -27,6 +27,7 @@ from wsseg.pipeline.executor import StageExecutor, StageTimer, fingerprint  # no
 from wsseg.pipeline.layout import RunLayout
 from wsseg.pipeline.map_methods import ClassifierStage, MapMethodsStage
 from wsseg.pipeline.masks import MapsStage, MaskRulesStage, PseudoMasksStage
+from wsseg.pipeline.select import SelectStage
 from wsseg.progress import ProgressFn, no_progress
 from wsseg.report import bar_chart, markdown_report
 from wsseg.stages.common import write_json
@@ -38,6 +39,7 @@ log = logging.getLogger("wsseg")
 RECIPE_STAGES: List[Stage] = [
     ClassifierStage(),   # image labels -> classifier checkpoint
     MapMethodsStage(),   # classifier -> a map producer per maps.methods entry (methods that train, e.g. CCAM, here)
+    SelectStage(),       # producers, select.labelled -> the recipe's maps size, TTA and `selected` producer
     MapsStage(),         # producers, maps.dataset -> maps/<method>/
     MaskRulesStage(),    # producers, pseudo_masks -> a rule per producer and variant (calibrated thresholds)
     PseudoMasksStage(),  # rules, maps -> masks/<producer>/, blind references

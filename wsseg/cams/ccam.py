@@ -115,6 +115,7 @@ class CCAMMethod(TrainedMapMethod):
         from wsseg.cams import create_map_method
         from wsseg.models.classifier import load_classifier
         from wsseg.stages.ccam import train_ccam
+        from wsseg.stages.maps import resolve_target
 
         config, device = context.config, context.device
         reference, gradcam = None, None
@@ -125,7 +126,7 @@ class CCAMMethod(TrainedMapMethod):
             def reference(images):
                 # The class the maps explain: the positive one, or (maps.target label / predicted: pets,
                 # where both classes hold an object) the class the classifier sees in each image.
-                if config.maps.target == "positive":
+                if resolve_target(config.maps.target, train_set) == "positive":
                     targets = [meta.positive_index] * len(images)
                 else:
                     with torch.no_grad():

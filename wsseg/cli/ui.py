@@ -58,6 +58,17 @@ def metrics_table(title: str, metrics: Dict[str, Dict], timings: Dict[str, float
 
 def print_run_summary(name: str, metrics: Dict[str, Dict], timings: Dict[str, float]) -> None:
     console.print(metrics_table(f"{name}: masks vs ground truth", metrics, timings))
+    select = metrics.get("select") or {}
+    if select.get("candidates"):
+        table = Table(title=f"select: best of {len(select['candidates'])} candidates on "
+                            f"{select['labelled_images']} labelled images (all in select.json)")
+        for column in ("candidate", "dice", "leave-one-out"):
+            table.add_column(column, justify="left" if column == "candidate" else "right")
+        for row in select["candidates"][:10]:
+            table.add_row(row["candidate"], f"{row['dice']:.4f}", f"{row['loo_low']:.3f}-{row['loo_high']:.3f}")
+        console.print(table)
+    elif select:
+        console.print(f"[bold]select[/bold]: {select.get('note')}")
     if "classifier" in metrics:
         items = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics["classifier"].items())
         console.print(f"[bold]classifier[/bold]: {items}")

@@ -28,9 +28,17 @@ def load_map(path: Path) -> np.ndarray:
     return np.load(path).astype(np.float32)
 
 
+def resolve_target(mode: str, dataset: SegmentationDataset) -> str:
+    """`auto`: the positive class when some classes are object-free, else each image's own label."""
+    if mode != "auto":
+        return mode
+    return "positive" if dataset.object_free else "label"
+
+
 def choose_targets(mode: str, dataset: SegmentationDataset, positive_index: int,
                    predicted: np.ndarray = None) -> np.ndarray:
     """Class each map explains: the positive class, each image's own label, or the predicted class."""
+    mode = resolve_target(mode, dataset)
     if mode == "positive":
         return np.full(len(dataset), positive_index, dtype=np.int64)
     if mode == "label":
@@ -39,7 +47,7 @@ def choose_targets(mode: str, dataset: SegmentationDataset, positive_index: int,
         if predicted is None:
             raise ValueError("maps.target=predicted needs the classifier's predictions")
         return np.asarray(predicted, dtype=np.int64)
-    raise ValueError(f"maps.target: unknown mode '{mode}' (valid: positive, label, predicted)")
+    raise ValueError(f"maps.target: unknown mode '{mode}' (valid: positive, label, predicted, auto)")
 
 
 #: Images a fitted map method (feature factorisation) learns from: a fixed sample beyond this many.

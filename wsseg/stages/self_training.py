@@ -61,9 +61,12 @@ class SegmentStage(Stage):
             seg = replace(seg, encoder_weights=str(context.classifier_checkpoint))
             encoder_from = context.classifier_fingerprint
         checkpoint = None
+        chooser = rounds_chooser(context)
         for round_index in range(seg.self_training_rounds + 1):
             checkpoint, labels, upstream = self.round(context, seg, train_set, round_index, labels, upstream,
-                                                      encoder_from, checkpoint, corrections)
+                                                      encoder_from, checkpoint, corrections, chooser)
+            if labels is None:  # the last round: the rounds' labels stopped gaining on the labelled images
+                break
         if dist.is_main():
             publish(checkpoint, context.layout.unet)
         dist.barrier()
@@ -71,9 +74,10 @@ class SegmentStage(Stage):
 
     @staticmethod
     def round(context: RunContext, seg: SegmentConfig, train_set, round_index: int, labels, upstream: str,
-              encoder_from, previous_checkpoint, corrections=None):
+              encoder_from, previous_checkpoint, corrections=None, chooser=None):
         """Train round `round_index` on `labels`, write its masks; returns its checkpoint and, unless it is
-        the last round, the next round's labels and what they are keyed on."""
+        the last round, the next round's labels (None after the last) and what they are keyed on. With a
+        `chooser` (select), a round whose labels do not gain on the labelled images is the last."""
         from wsseg.models.segmenter import save_prediction_settings, with_prediction
         from wsseg.stages.segment import load_segmenter, train_segmenter, write_masks
         from wsseg.stages.unet_labels import confident_mask_source, with_corrections
@@ -102,10 +106,13 @@ class SegmentStage(Stage):
             model, meta = load_segmenter(checkpoint)
             model = model.to(context.device)
             with Predictors(model, context.device, seg.inference_backend, train_set) as predictors:
+                label_meta = with_prediction(replace(meta, threshold=seg.threshold), probabilities_predict)
+                if not last and chooser is not None and not chooser.labels_gain(model, label_meta, round_index,
+                                                                                predictors.get(label_meta)):
+                    last, name = True, "unet"
                 meta = predicting_as_configured(context, name, model, meta, predictors)
                 if dist.is_main():
                     save_prediction_settings(checkpoint, meta)
-                label_meta = with_prediction(replace(meta, threshold=seg.threshold), probabilities_predict)
                 context.mask_dirs[name] = layout.masks(name)
                 passes = [(meta, {layout.masks(name): ((), meta.threshold)})]  # one prediction pass per way of predicting
                 if not last and seg.self_training_refine:  # the next round's labels, on the evaluation images too
@@ -131,7 +138,18 @@ class SegmentStage(Stage):
             dist.barrier()
         # The next round is keyed on this one, and on what made its labels' probabilities.
         upstream = digest if seg.inference_backend == "torch" else fingerprint(digest, seg.inference_backend)
-        return checkpoint, labels, upstream
+        return checkpoint, None if last else labels, upstream
+
+
+def rounds_chooser(context: RunContext):
+    """Self-training rounds chosen on the `select` images (up to segment.self_training_rounds), when the
+    recipe has labelled ones; else every round runs."""
+    from wsseg.pipeline.select import RoundChooser
+
+    sel = context.config.select
+    if sel is None or sel.labelled is None or not sel.choose_rounds or not context.config.segment.self_training_rounds:
+        return None
+    return RoundChooser(context)
 
 
 def label_prediction(seg: SegmentConfig):

@@ -1,0 +1,186 @@
+"""The `select` stage picks, on a few labelled images, the producer that is truly best there; the run then
+uses its choice, and without labelled images says it used the label-free default."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsseg.cams import MAP_METHODS
+from wsseg.cams.base import MapMethod
+from wsseg.cli.main import main
+from wsseg.data import DATASETS
+from wsseg.data.base import Record, SegmentationDataset, list_images, require_dir
+from wsseg.pipeline.select import leave_one_out_means
+
+
+class Squares(SegmentationDataset):
+    """Bright squares on dark noise, anywhere in the image: the brightness is the mask."""
+
+    name = "squares"
+
+    def __init__(self, root, split="train"):
+        folder = require_dir(root / split / "images", "squares images")
+        records = [Record(p.stem, p, 1, p.parent.parent / "masks" / p.name) for p in list_images(folder)]
+        super().__init__(records, ["background", "square"], positive_index=1, object_free=())
+
+
+class Brightness(MapMethod):
+    requires_classifier = False
+
+    def __init__(self, sign=1.0):
+        self.sign = sign
+
+    def compute(self, images, targets=()):
+        grey = images.mean(1).numpy()
+        grey = grey * self.sign
+        low = grey.min(axis=(1, 2), keepdims=True)
+        high = grey.max(axis=(1, 2), keepdims=True)
+        return ((grey - low) / np.maximum(high - low, 1e-6)).astype(np.float32)
+
+
+class Centre(MapMethod):
+    requires_classifier = False
+
+    def compute(self, images, targets=()):
+        b, _, h, w = images.shape
+        y, x = np.mgrid[0:h, 0:w]
+        blob = np.exp(-(((x - w / 2) / (0.3 * w)) ** 2 + ((y - h / 2) / (0.3 * h)) ** 2))
+        return np.repeat(blob[None].astype(np.float32), b, axis=0)
+
+
+def _builder(cls, **kwargs):
+    def build(model=None, target_layer="auto"):
+        return cls(**kwargs)
+
+    build.requires_classifier = False
+    return build
+
+
+@pytest.fixture
+def squares(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "squares"
+    for split, n in (("train", 12), ("val", 6)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir()
+        for i in range(n):
+            image = rng.integers(0, 60, (64, 64, 3), dtype=np.uint8)
+            mask = np.zeros((64, 64), np.uint8)
+            y, x, side = rng.integers(0, 30), rng.integers(0, 30), rng.integers(16, 30)
+            mask[y:y + side, x:x + side] = 255
+            image[mask > 0] = rng.integers(180, 255, (int((mask > 0).sum()), 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / split / "images" / f"s{i}.png")
+            Image.fromarray(mask).save(root / split / "masks" / f"s{i}.png")
+    DATASETS.register("squares")(Squares)
+    for name, build in (("bright", _builder(Brightness)), ("dark", _builder(Brightness, sign=-1.0)),
+                        ("centre", _builder(Centre))):
+        MAP_METHODS.register(name)(build)
+    yield root
+    DATASETS.unregister("squares")
+    for name in ("bright", "dark", "centre"):
+        MAP_METHODS.unregister(name)
+
+
+def _overrides(root, labelled=True):
+    dataset = f"{{name: squares, root: {root}, split: %s}}"
+    select = (f"select={{labelled: {dataset % 'train'}, n_images: 5, image_sizes: [64], "
+              "refine: [[], [{name: largest_component}]]}" if labelled else "select={labelled: null}")
+    return ["classifier=null", "maps.method_options={}", "maps.methods=[dark, centre, bright]",
+            f"maps.dataset={dataset % 'val'}", "maps.image_size=64", "pseudo_masks.variants=[]",
+            "pseudo_masks.calibrate=null", select, "segment.masks=selected", f"segment.train=[{dataset % 'train'}]",
+            "segment.image_size=64", "segment.epochs=1", "segment.batch_size=4", "segment.self_training_rounds=2",
+            "segment.predict.threshold_mode=fixed", "segment.encoder=tu-test_resnet", "export.enabled=false"]
+
+
+def test_select_picks_the_truly_best_producer_and_the_run_uses_it(tmp_path, squares):
+    out = tmp_path / "run"
+    assert main(["recipe", "run", "demo", "--out", str(out), *_overrides(squares)]) == 0
+    result = json.loads((out / "select.json").read_text())
+    rows = result["candidates"]
+    assert result["choice"]["method"] == "bright" and result["choice"]["dice"] > 0.9
+    assert result["choice"] == rows[0] and rows[0]["dice"] == max(r["dice"] for r in rows)
+    # Every method under every rule was scored, and the refinement only for the best map sets.
+    assert {r["method"] for r in rows} == {"bright", "dark", "centre"}
+    assert {r["threshold_mode"] for r in rows} == {"fixed", "otsu", "calibrated"}
+    assert all(r["method"] == "bright" for r in rows if r["refine"]) or len({r["method"] for r in rows if r["refine"]}) <= 2
+    best_dark = max(r["dice"] for r in rows if r["method"] == "dark")
+    assert best_dark < 0.3 and all(r["loo_low"] <= r["dice"] <= r["loo_high"] for r in rows)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["selected"]["dice"] > 0.9  # the selected producer's masks of the evaluation images
+    assert metrics["select"]["choice"]["candidate"] == rows[0]["candidate"]
+    assert (out / "plots" / "select.png").stat().st_size > 0 and (out / "masks" / "selected").is_dir()
+    report = (out / "report.md").read_text()
+    assert "## Select (5 labelled images, 24 candidates)" in report and rows[0]["candidate"] in report
+    assert "round 0's labels" in report and "no gain: the last round" in report
+    assert "unet" in metrics  # the U-Net learnt from the selected masks
+    # Rounds are chosen too: the selected masks are perfect here, so round 0's labels cannot gain on them and
+    # round 0 is the last, whatever segment.self_training_rounds allows.
+    assert metrics["select"]["self_training_rounds"] == 0 and len(metrics["select"]["rounds"]) == 2
+    assert metrics["select"]["rounds"][1]["gained"] is False
+    assert not (out / "stages" / "unet_round1.json").exists() and (out / "masks" / "unet").is_dir()
+    # Resumed: the choice comes from the cache.
+    assert main(["recipe", "run", "--resume", str(out)]) == 0
+    assert "select" in json.loads((out / "metrics.json").read_text())["resumed_skipped_stages"]
+
+
+def test_without_labelled_images_the_label_free_default_is_said(tmp_path, squares, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="wsseg"):
+        assert main(["recipe", "run", "demo", "--out", str(out), *_overrides(squares, labelled=False)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["select"]["labelled_images"] == 0 and "label-free default" in metrics["select"]["note"]
+    assert metrics["select"]["choice"]["method"] == "dark"  # the first method: nothing measured it
+    assert "no labelled images" in caplog.text
+
+
+def test_leave_one_out_means():
+    assert leave_one_out_means([1.0, 0.0, 0.5]) == [0.25, 0.75, 0.5]
+
+
+DATA_KEYS = {"name", "description", "classifier.train", "maps.dataset", "maps.fit_dataset",
+             "maps.method_options.ccam.train", "select.labelled", "pseudo_masks.calibrate.dataset", "segment.train"}
+
+
+def _flat(data, prefix=""):
+    out = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and path not in DATA_KEYS:
+            out.update(_flat(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+@pytest.mark.parametrize("name", ["polyp_auto", "pets_auto"])
+def test_the_dataset_auto_recipes_are_auto_with_other_data(name):
+    from wsseg.config import load_recipe, to_dict
+
+    auto, other = _flat(to_dict(load_recipe("auto"))), _flat(to_dict(load_recipe(name)))
+    assert auto.keys() == other.keys()
+    differ = {key for key in auto if auto[key] != other[key]}
+    assert differ and differ <= DATA_KEYS, differ - DATA_KEYS
+
+
+def test_the_auto_recipe_runs_end_to_end_and_chooses(tmp_path):
+    from conftest import TINY_MODEL
+
+    small = "{n: 16, size: 64, negative_fraction: 0.0}"
+    overrides = [f"backbone.name={TINY_MODEL}", "backbone.weights=none",
+                 "classifier.train.0.options={n: 24, size: 64}", "classifier.image_size=64", "classifier.epochs=1",
+                 "classifier.batch_size=8", f"maps.dataset.options={{n: 6, size: 64, negative_fraction: 0.0}}",
+                 f"maps.fit_dataset.options={small}", "maps.image_size=64", "maps.batch_size=4",
+                 "maps.method_options.ccam.epochs=1", "maps.method_options.ccam.image_size=64",
+                 "maps.method_options.ccam.batch_size=8", f"select.labelled.options={small}", "select.n_images=4",
+                 "select.image_sizes=[64]", "select.tta=[{}]", "segment.image_size=64", "segment.epochs=1",
+                 "segment.batch_size=4", "segment.self_training_rounds=1", "export.calibration_images=2",
+                 "pseudo_masks.calibrate.n_images=3"]
+    out = tmp_path / "run"
+    assert main(["recipe", "run", "auto", "--out", str(out), *overrides]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    choice = metrics["select"]["choice"]
+    assert choice["method"] in ("gradcam", "eigencam", "dff", "ccam") and choice["image_size"] == 64
+    assert {r["method"] for r in metrics["select"]["candidates"]} == {"gradcam", "eigencam", "dff", "ccam"}
+    assert "selected" in metrics and "unet" in metrics and (out / "model.int8.onnx").is_file()

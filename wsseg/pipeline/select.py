@@ -1,0 +1,303 @@
+"""The `select` stage: the run chooses its own pseudo-mask producer on a few labelled training images.
+
+Candidates are every map method of `maps.methods` at each `select.image_sizes` and `select.tta`, each with
+each threshold rule (fixed, per-image Otsu, calibrated); the `select.refine_top` best of those map sets are
+tried again through every refinement chain of `select.refine`. Maps of the labelled images are computed once
+per (method, size, TTA) and shared by every rule and chain. A calibrated threshold is scored leave-one-out (the
+threshold chosen on the other images), so no candidate is scored on the images that chose it. The winner by
+mean Dice becomes the `selected` producer: the maps of the run are made at its size and TTA, and `segment.masks:
+selected` trains the U-Net on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from wsseg.cams.tta import TTAMaps
+from wsseg.config_schema import MaskVariantConfig, RecipeConfig, RefineStepConfig, TTAConfig
+from wsseg.data.base import SegmentationDataset
+from wsseg.metrics import confusion, scores
+from wsseg.pipeline.context import RunContext, Stage
+from wsseg.pipeline.executor import fingerprint
+from wsseg.pipeline.masks import fit_images
+from wsseg.stages.maps import fit_map_method, write_maps
+from wsseg.stages.pseudo_masks import MaskRule, best_grid_threshold
+
+log = logging.getLogger("wsseg")
+SELECTED = "selected"  # the producer the stage makes (segment.masks: selected)
+CRF_LEVEL = 0.5  # a dense CRF returns a marginal: its masks are taken at 0.5
+
+
+@dataclass
+class Candidate:
+    method: str
+    image_size: int
+    tta: TTAConfig
+    refine: List[RefineStepConfig] = field(default_factory=list)
+    threshold_mode: str = "fixed"
+    threshold: float = 0.5
+    dice: float = 0.0
+    per_image: List[float] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        tta = "+flip" if self.tta.hflip else ""
+        scales = "" if list(self.tta.scales) == [1.0] else "x" + "/".join(f"{s:g}" for s in self.tta.scales)
+        chain = " > ".join(_step_label(s) for s in self.refine) or "map"
+        rule = f"{self.threshold_mode} {self.threshold:.2f}" if self.threshold_mode != "otsu" else "otsu"
+        return f"{self.method} {self.image_size}px{tta}{scales} | {chain} | {rule}"
+
+    def row(self) -> Dict:
+        loo = leave_one_out_means(self.per_image)
+        return {"candidate": self.label, "method": self.method, "image_size": self.image_size,
+                "tta": {"hflip": self.tta.hflip, "scales": list(self.tta.scales)},
+                "refine": [{"name": s.name, "options": dict(s.options)} for s in self.refine],
+                "threshold_mode": self.threshold_mode, "threshold": self.threshold, "dice": self.dice,
+                "loo_low": min(loo), "loo_high": max(loo)}
+
+
+def _step_label(step: RefineStepConfig) -> str:
+    options = ",".join(f"{k}={v}" for k, v in step.options.items())
+    return f"{step.name}({options})" if options else step.name
+
+
+def leave_one_out_means(values: Sequence[float]) -> List[float]:
+    """The mean Dice without each image in turn: how much the choice hangs on any one labelled image."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return [float(values.mean())] if len(values) else [0.0]
+    return [float((values.sum() - v) / (len(values) - 1)) for v in values]
+
+
+def _dice(mask: np.ndarray, truth: np.ndarray) -> float:
+    return scores(confusion(mask, truth))["dice"]
+
+
+def labelled_sample(dataset: SegmentationDataset, n_images: int, seed: int) -> SegmentationDataset:
+    """`n_images` images holding an object, drawn with `seed` (a view: the catalog's dataset is not changed)."""
+    positives = [i for i in range(len(dataset)) if dataset.holds_object(i)]
+    picks = sorted(int(i) for i in np.random.RandomState(seed).permutation(positives)[:n_images])
+    view = copy.copy(dataset)
+    view.records = [dataset.records[i] for i in picks]
+    return view
+
+
+class SelectStage(Stage):
+    """Score the candidate producers on `select.labelled`, then make the recipe use the best one."""
+
+    name = "select"
+    reads = ("producers", "config.select", "config.maps", "config.pseudo_masks")
+    writes = ("config", "metrics.select")
+
+    def enabled(self, config: RecipeConfig) -> bool:
+        return config.select is not None
+
+    def run(self, context: RunContext) -> None:
+        config, sel = context.config, context.config.select
+        if sel.labelled is None:
+            choice = label_free_default(config)
+            log.warning("select: no labelled images (select.labelled), so nothing is chosen by measurement: the "
+                        "label-free default (%s) is used", choice.label)
+            context.metrics["select"] = {"labelled_images": 0, "choice": choice.row(), "candidates": [],
+                                         "note": "label-free default: no labelled images"}
+        else:
+            with context.timer("select"):
+                rows = self.score(context)
+            choice = _from_row(rows[0])
+            context.metrics["select"] = {"labelled_images": sel.n_images, "choice": rows[0], "candidates": rows}
+            log.info("select: %s (Dice %.3f on %d labelled images, leave-one-out %.3f-%.3f; %d candidates)",
+                     rows[0]["candidate"], rows[0]["dice"], sel.n_images, rows[0]["loo_low"], rows[0]["loo_high"],
+                     len(rows))
+            write_select_outputs(context, rows)
+        context.config = apply_choice(config, choice)
+
+    @staticmethod
+    def score(context: RunContext) -> List[Dict]:
+        """Every candidate's row, best first (cached on the producers, the labelled images and the grid)."""
+        config, sel = context.config, context.config.select
+        digest = fingerprint({n: p.fingerprint for n, p in context.producers.items()}, sel, config.seed,
+                             config.pseudo_masks.threshold, config.maps.fit_dataset, config.on_bad_image,
+                             config.pseudo_masks.calibrate.grid if config.pseudo_masks.calibrate else None)
+
+        def work():
+            dataset = labelled_sample(context.dataset(sel.labelled, "select.labelled"), sel.n_images, config.seed)
+            truths = [dataset.load_mask(i).astype(bool) for i in range(len(dataset))]
+            scored = []
+            map_sets = {}
+            for method in config.maps.methods:
+                for size in sel.image_sizes:
+                    for k, tta in enumerate(sel.tta):
+                        folder = candidate_maps(context, method, size, tta, dataset, f"{method}-{size}-tta{k}")
+                        map_sets[(method, size, k)] = folder
+                        scored += score_rules(Candidate(method, size, tta), dataset, truths, folder,
+                                              sel.threshold_modes, config.pseudo_masks.threshold, grid(config))
+            best_sets = []
+            for c in sorted(scored, key=lambda c: -c.dice):
+                key = (c.method, c.image_size, sel.tta.index(c.tta))
+                if key not in best_sets:
+                    best_sets.append(key)
+            for method, size, k in best_sets[:sel.refine_top]:
+                for chain in sel.refine:
+                    if chain:
+                        scored += score_rules(Candidate(method, size, sel.tta[k], list(chain)), dataset, truths,
+                                              map_sets[(method, size, k)], sel.threshold_modes,
+                                              config.pseudo_masks.threshold, grid(config))
+            return [c.row() for c in sorted(scored, key=lambda c: -c.dice)]
+
+        return context.cached("select", digest, work)
+
+
+def grid(config: RecipeConfig) -> List[float]:
+    from wsseg.config_schema import CalibrateConfig
+
+    return list((config.pseudo_masks.calibrate or CalibrateConfig()).grid)
+
+
+def candidate_maps(context: RunContext, method: str, size: int, tta: TTAConfig, dataset: SegmentationDataset,
+                   folder_name: str) -> Path:
+    """One method's maps of the labelled images at one size and TTA (fitted methods on maps.fit_dataset)."""
+    config = context.config
+    producer = context.producers[method]
+    out = context.layout.maps(folder_name, "maps_select")
+    wanted = list(range(len(dataset)))
+    with TTAMaps(producer.build(), tta.hflip, tta.scales) as maps:
+        if maps.needs_fit:
+            fit_set, fit_indices = fit_images(context, dataset, wanted)
+            fit_map_method(maps, fit_set, fit_indices, size, producer.mean, producer.std, context.device,
+                           config.maps.batch_size, config.maps.num_workers)
+        write_maps(maps, dataset, out, size, producer.mean, producer.std, producer.targets(dataset), context.device,
+                   config.maps.batch_size, config.maps.num_workers)
+    return out
+
+
+def score_rules(base: Candidate, dataset: SegmentationDataset, truths: List[np.ndarray], map_dir: Path,
+                modes: Sequence[str], fixed_threshold: float, calibration_grid: Sequence[float]) -> List[Candidate]:
+    """The candidate under each threshold rule, its refined maps computed once."""
+    uses_crf = any(s.name == "dense_crf" for s in base.refine)
+    level = CRF_LEVEL if uses_crf else fixed_threshold
+    rule = MaskRule(base.method, level, "fixed", base.refine)
+    refined = [rule.refined(dataset, i, {base.method: map_dir}) for i in range(len(dataset))]
+    out = []
+    for mode in modes:
+        if mode == "fixed":
+            per_image = [_dice(rule.mask(r), t) for r, t in zip(refined, truths)]
+            threshold = level
+        elif mode == "otsu":
+            otsu = MaskRule(base.method, level, "otsu", base.refine)
+            per_image = [_dice(otsu.mask(r), t) for r, t in zip(refined, truths)]
+            threshold = float("nan")
+        else:  # calibrated: each image scored at the threshold the others choose
+            per_image = []
+            for i in range(len(refined)):
+                others = [k for k in range(len(refined)) if k != i] or [i]
+                t, _ = best_grid_threshold(calibration_grid, [truths[k] for k in others],
+                                           lambda t: [rule.mask(refined[k], t) for k in others])
+                per_image.append(_dice(rule.mask(refined[i], t), truths[i]))
+            threshold, _ = best_grid_threshold(calibration_grid, truths, lambda t: [rule.mask(r, t) for r in refined])
+        out.append(replace(base, threshold_mode=mode, threshold=float(threshold), dice=float(np.mean(per_image)),
+                           per_image=[float(v) for v in per_image]))
+    return out
+
+
+def label_free_default(config: RecipeConfig) -> Candidate:
+    """Without labelled images: the first map method at the recipe's size and TTA, refined by a dense CRF and
+    taken at its 0.5 (what the hand-tuned polyp and pet recipes came to)."""
+    return Candidate(config.maps.methods[0], config.maps.image_size, config.maps.tta,
+                     [RefineStepConfig("dense_crf")], "fixed", CRF_LEVEL)
+
+
+def _from_row(row: Dict) -> Candidate:
+    return Candidate(row["method"], row["image_size"], TTAConfig(row["tta"]["hflip"], list(row["tta"]["scales"])),
+                     [RefineStepConfig(s["name"], None, dict(s["options"])) for s in row["refine"]],
+                     "otsu" if row["threshold_mode"] == "otsu" else "fixed",
+                     CRF_LEVEL if row["threshold_mode"] == "otsu" else row["threshold"], row["dice"])
+
+
+def apply_choice(config: RecipeConfig, choice: Candidate) -> RecipeConfig:
+    """The recipe as the rest of the run uses it: maps at the chosen size and TTA, the `selected` producer
+    (a calibrated threshold is fixed at the value the labelled images chose)."""
+    variant = MaskVariantConfig(SELECTED, choice.method, list(choice.refine), choice.threshold,
+                                "otsu" if choice.threshold_mode == "otsu" else "fixed")
+    pseudo_masks = replace(config.pseudo_masks,
+                           variants=[v for v in config.pseudo_masks.variants if v.name != SELECTED] + [variant])
+    maps = replace(config.maps, image_size=choice.image_size, tta=choice.tta)
+    return replace(config, maps=maps, pseudo_masks=pseudo_masks)
+
+
+class RoundChooser:
+    """Whether a self-training round's labels gain on the labelled images: the Dice of the round U-Net's
+    refined predictions (the next round's labels) against the previous labels' (round 0: the selected
+    pseudo-masks, scored by the select stage). Recorded in metrics.select.rounds."""
+
+    def __init__(self, context: RunContext):
+        config = context.config
+        self.context = context
+        self.dataset = labelled_sample(context.dataset(config.select.labelled, "select.labelled"),
+                                       config.select.n_images, config.seed)
+        self.truths = [self.dataset.load_mask(i).astype(bool) for i in range(len(self.dataset))]
+        selected = context.metrics.get("select", {}).get("choice", {})
+        self.best = float(selected.get("dice", 0.0))
+        self.history = [{"labels": "pseudo-masks", "dice": self.best}]
+        context.metrics.setdefault("select", {})["rounds"] = self.history
+
+    def labels_gain(self, model, meta, round_index: int, predictor) -> bool:
+        from wsseg.stages.segment import _image_probabilities
+        from wsseg.stages.unet_labels import refined_mask
+        from wsseg.progress import no_progress
+
+        seg = self.context.config.segment
+        dice = []
+        for index, prob in _image_probabilities(model, meta, self.dataset, self.context.device, seg.batch_size,
+                                                no_progress, None, predictor):
+            mask = refined_mask(prob, self.dataset, index, seg.self_training_refine, seg.threshold)
+            dice.append(_dice(mask, self.truths[index]))
+        score = float(np.mean(dice))
+        gained = score > self.best
+        self.history.append({"labels": f"round {round_index}", "dice": score, "gained": gained})
+        log.info("select: round %d's labels %.3f on the labelled images against %.3f: %s", round_index, score,
+                 self.best, "another round" if gained else f"round {round_index} is the last")
+        self.best = max(self.best, score)
+        # self-training rounds after round 0: this one is the last, or at least one more follows
+        self.context.metrics["select"]["self_training_rounds"] = round_index + 1 if gained else round_index
+        return gained
+
+
+def write_select_outputs(context: RunContext, rows: List[Dict]) -> None:
+    """select.json (every candidate, best first) and plots/select.png (the best 15, with their spread)."""
+    from wsseg import distributed as dist
+    from wsseg.stages.common import write_json
+
+    if not dist.is_main():
+        return
+    layout = context.layout
+    write_json(layout.root / "select.json", {"labelled_images": context.config.select.n_images,
+                                             "choice": rows[0], "candidates": rows})
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = rows[:15][::-1]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(top) + 1.2))
+    y = np.arange(len(top))
+    dice = [r["dice"] for r in top]
+    spread = [[r["dice"] - r["loo_low"] for r in top], [r["loo_high"] - r["dice"] for r in top]]
+    ax.barh(y, dice, xerr=spread, color=["tab:green" if r is rows[0] else "tab:blue" for r in top], capsize=2)
+    ax.set_yticks(y, [r["candidate"] for r in top], fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"mean Dice on {context.config.select.n_images} labelled images (bars: leave-one-out range)")
+    ax.set_title("select: candidate pseudo-mask producers")
+    fig.tight_layout()
+    layout.plots.mkdir(parents=True, exist_ok=True)
+    fig.savefig(layout.plots / "select.png", dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["Candidate", "SELECTED", "SelectStage", "apply_choice", "label_free_default", "leave_one_out_means",
+           "score_rules"]
