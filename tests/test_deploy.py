@@ -134,7 +134,7 @@ def test_unet_threshold_calibration_picks_the_grid_value_with_the_best_dice(monk
                                                                               "negative_fraction": 0.0}))
     seen = {}
 
-    def probabilities(model, meta, dataset, device, batch_size, progress, indices):
+    def probabilities(model, meta, dataset, device, batch_size, progress, indices, predictor=None):
         seen["meta"] = meta
         for index in range(len(dataset)):  # an under-confident U-Net: 0.3 on the objects, 0.1 elsewhere
             yield index, np.where(dataset.load_mask(index) > 0, 0.3, 0.1).astype(np.float32)

@@ -55,15 +55,16 @@ def train_label_confidence(config: RecipeConfig, point_dir: Path, data_root=None
     from wsseg.pipeline import RunContext, StageExecutor
     from wsseg.pipeline.map_methods import ClassifierStage, MapMethodsStage
     from wsseg.pipeline.masks import MaskRulesStage, maps_for
+    from wsseg.pipeline.select import SelectStage
     from wsseg.refine import otsu_threshold
 
     layout = RunLayout(point_dir)
     context = RunContext(config, layout, StageExecutor(layout, resume=True), DatasetCatalog(data_root, config.on_bad_image),
                          dist.local_device(config.device), progress)
-    for stage in (ClassifierStage(), MapMethodsStage(), MaskRulesStage()):
+    for stage in (ClassifierStage(), MapMethodsStage(), SelectStage(), MaskRulesStage()):
         if stage.enabled(config):
             stage.run(context)
-    seg = config.segment
+    seg = context.config.segment  # as the select stage left it, when the recipe has one
     train_set = context.catalog.concat(seg.train, "segment.train")
     rule = context.rules[seg.masks]
     map_dirs = {m: maps_for(context, m, train_set, "maps_train", seg.train, only_positives=True)
