@@ -11,81 +11,20 @@ selected` trains the U-Net on it.
 
 from __future__ import annotations
 
-import copy
 import logging
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Dict, List, Sequence
+from dataclasses import replace
+from typing import Dict, List
 
 import numpy as np
 
-from wsseg.cams.tta import TTAMaps
 from wsseg.config_schema import MaskVariantConfig, RecipeConfig, RefineStepConfig, TTAConfig
-from wsseg.data.base import SegmentationDataset
-from wsseg.metrics import confusion, scores
+from wsseg.pipeline.candidates import (CRF_LEVEL, Candidate, candidate_maps, grid, labelled_sample, mask_dice,
+                                       leave_one_out_means, score_rules)
 from wsseg.pipeline.context import RunContext, Stage
 from wsseg.pipeline.executor import fingerprint
-from wsseg.pipeline.masks import fit_images
-from wsseg.stages.maps import fit_map_method, write_maps
-from wsseg.stages.pseudo_masks import MaskRule, best_grid_threshold
 
 log = logging.getLogger("wsseg")
 SELECTED = "selected"  # the producer the stage makes (segment.masks: selected)
-CRF_LEVEL = 0.5  # a dense CRF returns a marginal: its masks are taken at 0.5
-
-
-@dataclass
-class Candidate:
-    method: str
-    image_size: int
-    tta: TTAConfig
-    refine: List[RefineStepConfig] = field(default_factory=list)
-    threshold_mode: str = "fixed"
-    threshold: float = 0.5
-    dice: float = 0.0
-    per_image: List[float] = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        tta = "+flip" if self.tta.hflip else ""
-        scales = "" if list(self.tta.scales) == [1.0] else "x" + "/".join(f"{s:g}" for s in self.tta.scales)
-        chain = " > ".join(_step_label(s) for s in self.refine) or "map"
-        rule = f"{self.threshold_mode} {self.threshold:.2f}" if self.threshold_mode != "otsu" else "otsu"
-        return f"{self.method} {self.image_size}px{tta}{scales} | {chain} | {rule}"
-
-    def row(self) -> Dict:
-        loo = leave_one_out_means(self.per_image)
-        return {"candidate": self.label, "method": self.method, "image_size": self.image_size,
-                "tta": {"hflip": self.tta.hflip, "scales": list(self.tta.scales)},
-                "refine": [{"name": s.name, "options": dict(s.options)} for s in self.refine],
-                "threshold_mode": self.threshold_mode, "threshold": self.threshold, "dice": self.dice,
-                "loo_low": min(loo), "loo_high": max(loo)}
-
-
-def _step_label(step: RefineStepConfig) -> str:
-    options = ",".join(f"{k}={v}" for k, v in step.options.items())
-    return f"{step.name}({options})" if options else step.name
-
-
-def leave_one_out_means(values: Sequence[float]) -> List[float]:
-    """The mean Dice without each image in turn: how much the choice hangs on any one labelled image."""
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return [float(values.mean())] if len(values) else [0.0]
-    return [float((values.sum() - v) / (len(values) - 1)) for v in values]
-
-
-def _dice(mask: np.ndarray, truth: np.ndarray) -> float:
-    return scores(confusion(mask, truth))["dice"]
-
-
-def labelled_sample(dataset: SegmentationDataset, n_images: int, seed: int) -> SegmentationDataset:
-    """`n_images` images holding an object, drawn with `seed` (a view: the catalog's dataset is not changed)."""
-    positives = [i for i in range(len(dataset)) if dataset.holds_object(i)]
-    picks = sorted(int(i) for i in np.random.RandomState(seed).permutation(positives)[:n_images])
-    view = copy.copy(dataset)
-    view.records = [dataset.records[i] for i in picks]
-    return view
 
 
 class SelectStage(Stage):
@@ -153,58 +92,6 @@ class SelectStage(Stage):
         return context.cached("select", digest, work)
 
 
-def grid(config: RecipeConfig) -> List[float]:
-    from wsseg.config_schema import CalibrateConfig
-
-    return list((config.pseudo_masks.calibrate or CalibrateConfig()).grid)
-
-
-def candidate_maps(context: RunContext, method: str, size: int, tta: TTAConfig, dataset: SegmentationDataset,
-                   folder_name: str) -> Path:
-    """One method's maps of the labelled images at one size and TTA (fitted methods on maps.fit_dataset)."""
-    config = context.config
-    producer = context.producers[method]
-    out = context.layout.maps(folder_name, "maps_select")
-    wanted = list(range(len(dataset)))
-    with TTAMaps(producer.build(), tta.hflip, tta.scales) as maps:
-        if maps.needs_fit:
-            fit_set, fit_indices = fit_images(context, dataset, wanted)
-            fit_map_method(maps, fit_set, fit_indices, size, producer.mean, producer.std, context.device,
-                           config.maps.batch_size, config.maps.num_workers)
-        write_maps(maps, dataset, out, size, producer.mean, producer.std, producer.targets(dataset), context.device,
-                   config.maps.batch_size, config.maps.num_workers)
-    return out
-
-
-def score_rules(base: Candidate, dataset: SegmentationDataset, truths: List[np.ndarray], map_dir: Path,
-                modes: Sequence[str], fixed_threshold: float, calibration_grid: Sequence[float]) -> List[Candidate]:
-    """The candidate under each threshold rule, its refined maps computed once."""
-    uses_crf = any(s.name == "dense_crf" for s in base.refine)
-    level = CRF_LEVEL if uses_crf else fixed_threshold
-    rule = MaskRule(base.method, level, "fixed", base.refine)
-    refined = [rule.refined(dataset, i, {base.method: map_dir}) for i in range(len(dataset))]
-    out = []
-    for mode in modes:
-        if mode == "fixed":
-            per_image = [_dice(rule.mask(r), t) for r, t in zip(refined, truths)]
-            threshold = level
-        elif mode == "otsu":
-            otsu = MaskRule(base.method, level, "otsu", base.refine)
-            per_image = [_dice(otsu.mask(r), t) for r, t in zip(refined, truths)]
-            threshold = float("nan")
-        else:  # calibrated: each image scored at the threshold the others choose
-            per_image = []
-            for i in range(len(refined)):
-                others = [k for k in range(len(refined)) if k != i] or [i]
-                t, _ = best_grid_threshold(calibration_grid, [truths[k] for k in others],
-                                           lambda t: [rule.mask(refined[k], t) for k in others])
-                per_image.append(_dice(rule.mask(refined[i], t), truths[i]))
-            threshold, _ = best_grid_threshold(calibration_grid, truths, lambda t: [rule.mask(r, t) for r in refined])
-        out.append(replace(base, threshold_mode=mode, threshold=float(threshold), dice=float(np.mean(per_image)),
-                           per_image=[float(v) for v in per_image]))
-    return out
-
-
 def label_free_default(config: RecipeConfig) -> Candidate:
     """Without labelled images: the first map method at the recipe's size and TTA, refined by a dense CRF and
     taken at its 0.5 (what the hand-tuned polyp and pet recipes came to)."""
@@ -256,7 +143,7 @@ class RoundChooser:
         for index, prob in _image_probabilities(model, meta, self.dataset, self.context.device, seg.batch_size,
                                                 no_progress, None, predictor):
             mask = refined_mask(prob, self.dataset, index, seg.self_training_refine, seg.threshold)
-            dice.append(_dice(mask, self.truths[index]))
+            dice.append(mask_dice(mask, self.truths[index]))
         score = float(np.mean(dice))
         gained = score > self.best
         self.history.append({"labels": f"round {round_index}", "dice": score, "gained": gained})
