@@ -172,8 +172,9 @@ def bench_corrections(run_dir: Path, fractions: Sequence[float], choices: Sequen
                 chosen = choose_images(stems, count, choose, confidence, seed)
                 folder = write_corrections(train_set, chosen, out_dir / "masks" / name)
                 point = replace(point, segment=replace(point.segment, corrected_masks=str(folder)))
-            point_dir.mkdir(parents=True, exist_ok=True)
-            link_run(run_dir, point_dir)
+            if point_dir != baseline:  # the baseline was linked before the confidence was read from it
+                point_dir.mkdir(parents=True, exist_ok=True)
+                link_run(run_dir, point_dir)
             log.info("bench corrections: %s (%d of %d training masks corrected)", name, count, len(stems))
             result = run_recipe(point, point_dir, data_root, progress, resume=True)
             unet = result.metrics.get("unet", {})

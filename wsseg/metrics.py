@@ -44,6 +44,11 @@ def scores(c: Dict[str, int]) -> Dict[str, float]:
     }
 
 
+def dice(pred: np.ndarray, target: np.ndarray) -> float:
+    """Dice of one predicted mask against its truth (1 when both are empty)."""
+    return scores(confusion(pred, target))["dice"]
+
+
 def summarise(rows: Iterable[Dict[str, float]]) -> Dict[str, float]:
     """Per-image means of every metric, plus pooled (dataset-level) Dice and IoU from summed counts."""
     rows = list(rows)

@@ -20,7 +20,7 @@ from wsseg.cams import create_map_method
 from wsseg.cams.tta import TTAMaps
 from wsseg.data.base import SegmentationDataset
 from wsseg.errors import DataError
-from wsseg.metrics import confusion, scores
+from wsseg.metrics import dice
 from wsseg.models.classifier import load_classifier
 from wsseg.progress import ProgressFn, no_progress
 from wsseg.refine import otsu_threshold
@@ -64,10 +64,6 @@ def sample_indices(dataset: SegmentationDataset, n_images: int, seed: int = 0) -
     return sorted(int(i) for i in np.random.RandomState(seed).permutation(len(dataset))[:n_images])
 
 
-def _dice(mask: np.ndarray, truth: np.ndarray) -> float:
-    return scores(confusion(mask, truth))["dice"]
-
-
 def score_maps(maps: Dict[int, np.ndarray], truths: Dict[int, np.ndarray],
                thresholds: Sequence[float]) -> Dict[str, float]:
     """Mean Dice per threshold rule for maps already computed (index -> map, any size)."""
@@ -76,10 +72,10 @@ def score_maps(maps: Dict[int, np.ndarray], truths: Dict[int, np.ndarray],
     for index, truth in truths.items():
         activation = resize_map(maps[index], *truth.shape)
         for t in thresholds:
-            per_rule[f"{t:.2f}"].append(_dice(activation >= t, truth))
+            per_rule[f"{t:.2f}"].append(dice(activation >= t, truth))
         level = round(otsu_threshold(activation) * 255)
-        per_rule["otsu"].append(_dice((activation * 255).astype(np.uint8) > level, truth))
-        per_rule["oracle"].append(max(_dice(activation >= t, truth) for t in ORACLE_GRID))
+        per_rule["otsu"].append(dice((activation * 255).astype(np.uint8) > level, truth))
+        per_rule["oracle"].append(max(dice(activation >= t, truth) for t in ORACLE_GRID))
     return {rule: float(np.mean(values)) for rule, values in per_rule.items()}
 
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from wsseg.cams.tta import TTAMaps
 from wsseg.config_schema import RecipeConfig, RefineStepConfig, TTAConfig
 from wsseg.data.base import SegmentationDataset
-from wsseg.metrics import confusion, scores
+from wsseg.metrics import dice
 from wsseg.pipeline.context import RunContext
 from wsseg.pipeline.masks import fit_images
 from wsseg.stages.maps import fit_map_method, write_maps
@@ -64,10 +64,6 @@ def leave_one_out_means(values: Sequence[float]) -> List[float]:
     return [float((values.sum() - v) / (len(values) - 1)) for v in values]
 
 
-def mask_dice(mask: np.ndarray, truth: np.ndarray) -> float:
-    return scores(confusion(mask, truth))["dice"]
-
-
 def labelled_sample(dataset: SegmentationDataset, n_images: int, seed: int) -> SegmentationDataset:
     """`n_images` images holding an object, drawn with `seed` (a view: the catalog's dataset is not changed)."""
     positives = [i for i in range(len(dataset)) if dataset.holds_object(i)]
@@ -75,6 +71,13 @@ def labelled_sample(dataset: SegmentationDataset, n_images: int, seed: int) -> S
     view = copy.copy(dataset)
     view.records = [dataset.records[i] for i in picks]
     return view
+
+
+def labelled_set(context: RunContext) -> Tuple[SegmentationDataset, List[np.ndarray]]:
+    """The `select` images of a run and their masks: what the producers and the rounds are scored on."""
+    sel = context.config.select
+    dataset = labelled_sample(context.dataset(sel.labelled, "select.labelled"), sel.n_images, context.config.seed)
+    return dataset, [dataset.load_mask(i).astype(bool) for i in range(len(dataset))]
 
 
 def grid(config: RecipeConfig) -> List[float]:
@@ -110,11 +113,11 @@ def score_rules(base: Candidate, dataset: SegmentationDataset, truths: List[np.n
     out = []
     for mode in modes:
         if mode == "fixed":
-            per_image = [mask_dice(rule.mask(r), t) for r, t in zip(refined, truths)]
+            per_image = [dice(rule.mask(r), t) for r, t in zip(refined, truths)]
             threshold = level
         elif mode == "otsu":
             otsu = MaskRule(base.method, level, "otsu", base.refine)
-            per_image = [mask_dice(otsu.mask(r), t) for r, t in zip(refined, truths)]
+            per_image = [dice(otsu.mask(r), t) for r, t in zip(refined, truths)]
             threshold = float("nan")
         else:  # calibrated: each image scored at the threshold the others choose
             per_image = []
@@ -122,12 +125,13 @@ def score_rules(base: Candidate, dataset: SegmentationDataset, truths: List[np.n
                 others = [k for k in range(len(refined)) if k != i] or [i]
                 t, _ = best_grid_threshold(calibration_grid, [truths[k] for k in others],
                                            lambda t: [rule.mask(refined[k], t) for k in others])
-                per_image.append(mask_dice(rule.mask(refined[i], t), truths[i]))
+                per_image.append(dice(rule.mask(refined[i], t), truths[i]))
             threshold, _ = best_grid_threshold(calibration_grid, truths, lambda t: [rule.mask(r, t) for r in refined])
         out.append(replace(base, threshold_mode=mode, threshold=float(threshold), dice=float(np.mean(per_image)),
                            per_image=[float(v) for v in per_image]))
     return out
 
 
-__all__ = ["CRF_LEVEL", "Candidate", "candidate_maps", "grid", "labelled_sample", "leave_one_out_means", "mask_dice",
+__all__ = ["CRF_LEVEL", "Candidate", "candidate_maps", "grid", "labelled_sample", "labelled_set",
+           "leave_one_out_means",
            "score_rules"]

@@ -84,13 +84,13 @@ class MapMethodsStage(Stage):
                 producers[name] = MapProducer(
                     lambda method=method, options=options: create_map_method(method, model=None, **options),
                     IMAGENET_MEAN, IMAGENET_STD, lambda dataset: np.zeros(len(dataset), dtype=np.int64),
-                    fingerprint(*self._keyed(name, method, options)))
+                    fingerprint(name, *self._variant_key(name, method, options)))
         context.producers = {m: producers[m] for m in context.config.maps.methods}
 
     @staticmethod
-    def _keyed(name: str, method: str, options) -> tuple:
-        """What a producer is keyed on: its name and options (and the method a variant is built from)."""
-        return (name, options) if method == name else (name, method, options)
+    def _variant_key(name: str, method: str, options) -> tuple:
+        """What a producer is keyed on beside its name: its options, and the method a variant is built from."""
+        return (options,) if method == name else (method, options)
 
     @staticmethod
     def cam_producers(context: RunContext, setups: Dict[str, Tuple[str, Any]]):
@@ -107,11 +107,10 @@ class MapMethodsStage(Stage):
 
         producers = {}
         for name, (method, options) in setups.items():
-            name_and_options = MapMethodsStage._keyed(name, method, options)
             producers[name] = MapProducer(
                 lambda method=method, options=options: create_map_method(
                     method, model=model, target_layer=config.maps.target_layer, **options),
                 meta.mean, meta.std, targets,
-                fingerprint(context.classifier_fingerprint, name_and_options[0], config.maps.target,
-                            config.maps.target_layer, *name_and_options[1:]))
+                fingerprint(context.classifier_fingerprint, name, config.maps.target, config.maps.target_layer,
+                            *MapMethodsStage._variant_key(name, method, options)))
         return producers

@@ -18,8 +18,9 @@ from typing import Dict, List
 import numpy as np
 
 from wsseg.config_schema import MaskVariantConfig, RecipeConfig, RefineStepConfig, TTAConfig
-from wsseg.pipeline.candidates import (CRF_LEVEL, Candidate, candidate_maps, grid, labelled_sample, mask_dice,
-                                       leave_one_out_means, score_rules)
+from wsseg.metrics import dice
+from wsseg.pipeline.candidates import (CRF_LEVEL, Candidate, candidate_maps, grid, labelled_set, leave_one_out_means,
+                                       score_rules)
 from wsseg.pipeline.context import RunContext, Stage
 from wsseg.pipeline.executor import fingerprint
 
@@ -65,8 +66,7 @@ class SelectStage(Stage):
                              config.pseudo_masks.calibrate.grid if config.pseudo_masks.calibrate else None)
 
         def work():
-            dataset = labelled_sample(context.dataset(sel.labelled, "select.labelled"), sel.n_images, config.seed)
-            truths = [dataset.load_mask(i).astype(bool) for i in range(len(dataset))]
+            dataset, truths = labelled_set(context)
             scored = []
             map_sets = {}
             for method in config.maps.methods:
@@ -102,15 +102,15 @@ def label_free_default(config: RecipeConfig) -> Candidate:
 def _from_row(row: Dict) -> Candidate:
     return Candidate(row["method"], row["image_size"], TTAConfig(row["tta"]["hflip"], list(row["tta"]["scales"])),
                      [RefineStepConfig(s["name"], None, dict(s["options"])) for s in row["refine"]],
-                     "otsu" if row["threshold_mode"] == "otsu" else "fixed",
-                     CRF_LEVEL if row["threshold_mode"] == "otsu" else row["threshold"], row["dice"])
+                     row["threshold_mode"], row["threshold"], row["dice"])
 
 
 def apply_choice(config: RecipeConfig, choice: Candidate) -> RecipeConfig:
     """The recipe as the rest of the run uses it: maps at the chosen size and TTA, the `selected` producer
-    (a calibrated threshold is fixed at the value the labelled images chose)."""
-    variant = MaskVariantConfig(SELECTED, choice.method, list(choice.refine), choice.threshold,
-                                "otsu" if choice.threshold_mode == "otsu" else "fixed")
+    (a calibrated threshold is fixed at the value the labelled images chose; Otsu's is each image's own)."""
+    otsu = choice.threshold_mode == "otsu"
+    variant = MaskVariantConfig(SELECTED, choice.method, list(choice.refine), None if otsu else choice.threshold,
+                                "otsu" if otsu else "fixed")
     pseudo_masks = replace(config.pseudo_masks,
                            variants=[v for v in config.pseudo_masks.variants if v.name != SELECTED] + [variant])
     maps = replace(config.maps, image_size=choice.image_size, tta=choice.tta)
@@ -123,11 +123,8 @@ class RoundChooser:
     pseudo-masks, scored by the select stage). Recorded in metrics.select.rounds."""
 
     def __init__(self, context: RunContext):
-        config = context.config
         self.context = context
-        self.dataset = labelled_sample(context.dataset(config.select.labelled, "select.labelled"),
-                                       config.select.n_images, config.seed)
-        self.truths = [self.dataset.load_mask(i).astype(bool) for i in range(len(self.dataset))]
+        self.dataset, self.truths = labelled_set(context)
         selected = context.metrics.get("select", {}).get("choice", {})
         self.best = float(selected.get("dice", 0.0))
         self.history = [{"labels": "pseudo-masks", "dice": self.best}]
@@ -139,12 +136,12 @@ class RoundChooser:
         from wsseg.progress import no_progress
 
         seg = self.context.config.segment
-        dice = []
+        per_image = []
         for index, prob in _image_probabilities(model, meta, self.dataset, self.context.device, seg.batch_size,
                                                 no_progress, None, predictor):
             mask = refined_mask(prob, self.dataset, index, seg.self_training_refine, seg.threshold)
-            dice.append(mask_dice(mask, self.truths[index]))
-        score = float(np.mean(dice))
+            per_image.append(dice(mask, self.truths[index]))
+        score = float(np.mean(per_image))
         gained = score > self.best
         self.history.append({"labels": f"round {round_index}", "dice": score, "gained": gained})
         log.info("select: round %d's labels %.3f on the labelled images against %.3f: %s", round_index, score,
@@ -173,9 +170,8 @@ def write_select_outputs(context: RunContext, rows: List[Dict]) -> None:
     top = rows[:15][::-1]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(top) + 1.2))
     y = np.arange(len(top))
-    dice = [r["dice"] for r in top]
     spread = [[r["dice"] - r["loo_low"] for r in top], [r["loo_high"] - r["dice"] for r in top]]
-    ax.barh(y, dice, xerr=spread, color=["tab:green" if r is rows[0] else "tab:blue" for r in top], capsize=2)
+    ax.barh(y, [r["dice"] for r in top], xerr=spread, color=["tab:green" if r is rows[0] else "tab:blue" for r in top], capsize=2)
     ax.set_yticks(y, [r["candidate"] for r in top], fontsize=7)
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"mean Dice on {context.config.select.n_images} labelled images (bars: leave-one-out range)")

@@ -12,7 +12,7 @@ import numpy as np
 from wsseg.data.base import SegmentationDataset
 from wsseg.data.io import write_mask_png
 from wsseg.errors import about
-from wsseg.metrics import confusion, scores
+from wsseg.metrics import dice
 from wsseg.progress import ProgressFn, no_progress
 from wsseg.refine import needs_image, needs_source_map, refine_map, threshold_and_clean
 from wsseg.stages.maps import load_map
@@ -113,8 +113,7 @@ def best_grid_threshold(grid: Sequence[float], truths: Sequence[np.ndarray],
                         masks_at: Callable[[float], Sequence[np.ndarray]]) -> Tuple[float, Dict[float, float]]:
     """The `grid` value whose masks (`masks_at(t)`, one per truth) have the best mean Dice against `truths`
     (ties go to the first), and the mean Dice of every grid value."""
-    curve = {float(t): float(np.mean([scores(confusion(mask, truth))["dice"]
-                                      for mask, truth in zip(masks_at(t), truths)])) for t in grid}
+    curve = {float(t): float(np.mean([dice(mask, truth) for mask, truth in zip(masks_at(t), truths)])) for t in grid}
     return max(curve, key=curve.get), curve
 
 

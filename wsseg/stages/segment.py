@@ -185,10 +185,10 @@ def write_probabilities(model: torch.nn.Module, meta: SegmenterMeta, dataset: Se
 
 
 def validation_dice(model, dataset: SegmentationDataset, meta: SegmenterMeta, device) -> float:
-    from wsseg.metrics import confusion, scores
+    from wsseg.metrics import dice
 
     masks = predict_masks(model, meta, dataset, None, device, keep=True)
-    return float(np.mean([scores(confusion(m, dataset.load_mask(i)))["dice"] for i, m in enumerate(masks)]))
+    return float(np.mean([dice(m, dataset.load_mask(i)) for i, m in enumerate(masks)]))
 
 
 __all__ = ["SegmentResult", "calibrate_unet_threshold", "load_segmenter", "predict_masks", "segmentation_loss",
