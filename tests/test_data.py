@@ -1,3 +1,6 @@
+import json
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -216,3 +219,61 @@ def test_pets_border_can_be_left_out_of_the_score(pets_root):
     prediction = counting.load_mask(0)  # a mask that takes the whole border band as pet
     assert scores(confusion(prediction, pet, band))["dice"] == 1.0
     assert scores(confusion(prediction, pet))["dice"] < 1.0
+
+
+# ----------------------------------------------------------------------------- image cache
+
+def test_image_cache_gives_the_decoded_pixels_and_a_changed_image_or_size_misses(tmp_path, kvasir_root):
+    from wsseg.data.image_cache import ImageCache
+    from wsseg.data.io import read_image
+
+    dataset = create_dataset(DatasetConfig("kvasir_seg", str(kvasir_root), "val"))
+    dataset.image_cache = cache = ImageCache(tmp_path / "cache")
+    path = dataset.records[0].image_path
+    first = dataset.load_image(0, 32)
+    assert (cache.hits, cache.misses) == (0, 1)
+    assert np.array_equal(first, read_image(path, 32))
+    assert np.array_equal(dataset.load_image(0, 32), first) and (cache.hits, cache.misses) == (1, 1)
+    dataset.load_image(0, 64)  # another decode size: its own entry
+    assert cache.misses == 2
+    dataset.load_image(0)  # full size is read from the file, never kept
+    assert (cache.hits, cache.misses) == (1, 2) and not (tmp_path / "cache" / "None").exists()
+
+    changed = np.full((48, 64, 3), 200, np.uint8)
+    Image.fromarray(changed).save(path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10 ** 9))
+    again = dataset.load_image(0, 32)
+    assert cache.misses == 3 and np.array_equal(again, read_image(path, 32)) and not np.array_equal(again, first)
+
+    entry = cache.entry(path, 32)
+    entry.write_bytes(b"broken")  # a damaged entry is decoded again, not returned
+    assert np.array_equal(dataset.load_image(0, 32), again) and cache.misses == 4
+
+
+def test_a_run_with_the_image_cache_matches_one_without_and_its_resume_reads_only_the_cache(tmp_path, kvasir_root):
+    from conftest import tiny_demo_overrides
+    from wsseg.cli.main import main
+
+    kvasir = f"{{name: kvasir_seg, root: {kvasir_root}, split: val}}"
+    overrides = tiny_demo_overrides(("gradcam",)) + [
+        f"maps.dataset={kvasir}", f"segment.train=[{kvasir}]", "segment.masks=gradcam", "segment.self_training_rounds=0",
+        "pseudo_masks.variants=[]", "export.enabled=false"]
+    numbers = {}
+    for cached in (True, False):
+        out = tmp_path / f"cache_{cached}"
+        assert main(["recipe", "run", "demo", "--out", str(out), f"image_cache={str(cached).lower()}", *overrides]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        numbers[cached] = {k: v["dice"] for k, v in metrics.items() if isinstance(v, dict) and "dice" in v}
+        assert (out / "image_cache").is_dir() == cached
+    assert numbers[True] == numbers[False] and "unet" in numbers[True]
+    assert metrics_of(tmp_path / "cache_True")["image_cache"]["misses"] > 0
+
+    # More U-Net epochs on resume: the U-Net trains again, every image it reads comes from the cache.
+    assert main(["recipe", "run", "--resume", str(tmp_path / "cache_True"), "segment.epochs=2"]) == 0
+    resumed = metrics_of(tmp_path / "cache_True")
+    assert "unet_round0" not in resumed["resumed_skipped_stages"] and "maps_gradcam" in resumed["resumed_skipped_stages"]
+    assert resumed["image_cache"]["misses"] == 0 and resumed["image_cache"]["hits"] > 0
+
+
+def metrics_of(run):
+    return json.loads((run / "metrics.json").read_text())

@@ -299,6 +299,39 @@ def test_bench_rows_have_ratios(exported):
     assert all(r.images_per_s > 0 for r in maps)
 
 
+def test_bench_train_times_each_unet_variant_and_the_cli_writes_them(tmp_path, capsys):
+    from wsseg.cli.main import main
+    from wsseg.deploy.bench import bench_training
+
+    rows = bench_training({"default": {}, "narrow, channels_last": {"decoder_channels": [16, 8, 8, 8, 8],
+                                                                    "channels_last": True}},
+                          TINY_ENCODER, 32, 2, warmup=1, iters=1, rounds=2)
+    assert [r.name for r in rows] == ["default", "narrow, channels_last"]
+    assert rows[0].ratio == 1.0 and all(r.images_per_s > 0 for r in rows)
+    with pytest.raises(ValueError, match="rounds"):
+        bench_training({"default": {}}, TINY_ENCODER, 32, 2, rounds=0)
+    out = tmp_path / "train.json"
+    assert main(["bench", "train", "--encoder", TINY_ENCODER, "--size", "32", "--batch-size", "2",
+                 "--decoder-channels", "16", "8", "8", "8", "8", "--iters", "1", "--rounds", "1", "--out", str(out)]) == 0
+    assert "channels_last" in capsys.readouterr().out
+    assert [r["name"] for r in json.loads(out.read_text())] == [
+        "default", "channels_last", "decoder [16, 8, 8, 8, 8]", "decoder [16, 8, 8, 8, 8], channels_last"]
+
+
+def test_bench_labels_compares_each_backends_masks_with_pytorchs(exported, kvasir_root, tmp_path, capsys):
+    from wsseg.cli.main import main
+
+    folder, _ = exported
+    out = tmp_path / "labels.json"
+    assert main(["bench", "labels", str(folder / "unet.pth"), "--root", str(kvasir_root), "--split", "val",
+                 "--n-images", "3", "--flips", "hflip", "--out", str(out)]) == 0
+    rows = {r["backend"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == ["torch", "onnx", "onnx_int8"] and "pixel agreement" in capsys.readouterr().out
+    assert rows["torch"]["pixel_agreement"] == 1.0 and rows["torch"]["max_probability_difference"] == 0.0
+    assert rows["onnx"]["max_probability_difference"] < 1e-3 and rows["onnx"]["pixel_agreement"] > 0.99
+    assert 0 < rows["onnx_int8"]["mean_dice"] <= 1 and all(r["seconds_per_image"] > 0 for r in rows.values())
+
+
 def test_segmentation_loss_ignores_band():
     logits = torch.zeros(1, 4, 4)
     target = torch.zeros(1, 4, 4)

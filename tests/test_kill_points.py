@@ -90,6 +90,11 @@ def test_a_run_killed_at_every_point_in_turn_resumes_to_the_same_numbers(tmp_pat
         assert killed.returncode == -9, f"the run was not killed {point}: {killed.stderr[-1500:]}"
         assert not (out / "metrics.json").exists()
         _no_half_written_files(out)
+        if n == 0:  # the maps written before the kill are kept by the resume, not computed again
+            kept = {p: p.stat().st_mtime_ns for p in (out / "maps").rglob("*.npy") if not p.name.startswith(".")}
+            assert len(kept) == after
+        if n == 1:
+            assert {p: p.stat().st_mtime_ns for p in kept} == kept
     resumed = _run("recipe", "run", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, got = _numbers(reference), _numbers(out)

@@ -383,6 +383,42 @@ def test_a_stage_recorded_by_another_wsseg_version_runs_again_and_says_why(tmp_p
     assert "stage classifier: recorded by another wsseg version (cache format 1, now" in (out / "run.log").read_text()
 
 
+def test_a_folder_stage_resumes_inside_itself_and_a_new_fingerprint_starts_it_clean(tmp_path):
+    """An interrupted per-image stage keeps what it wrote for the same fingerprint; another fingerprint (or a
+    run that does not resume) removes the old files before writing."""
+    from wsseg.pipeline import RunLayout, StageExecutor
+
+    layout = RunLayout(tmp_path / "run")
+    folder = layout.root / "maps" / "m"
+    written, handed = [], []
+
+    def write(stems, stop_after=None):
+        def work(done):
+            handed.append(set(done))
+            folder.mkdir(parents=True, exist_ok=True)
+            for n, stem in enumerate(s for s in stems if s not in done):
+                if stop_after is not None and n == stop_after:
+                    raise KeyboardInterrupt  # the job is stopped here
+                np.save(folder / f"{stem}.npy", np.zeros(2))
+                written.append(stem)
+        return work
+
+    stems = ["a", "b", "c", "d"]
+    with pytest.raises(KeyboardInterrupt):
+        StageExecutor(layout, resume=False).cached_folder("maps_m", "fp1", folder, write(stems, stop_after=2))
+    assert sorted(p.stem for p in folder.glob("*.npy")) == ["a", "b"]
+    StageExecutor(layout, resume=True).cached_folder("maps_m", "fp1", folder, write(stems))
+    assert handed[-1] == {"a", "b"} and written == ["a", "b", "c", "d"]  # c and d only, after the resume
+    assert (layout.stage_record("maps_m")).is_file()
+
+    (folder / "d.npy").unlink()  # the stage's output changed behind its back: the record is not trusted
+    layout.stage_record("maps_m").unlink()
+    written.clear()
+    StageExecutor(layout, resume=True).cached_folder("maps_m", "fp2", folder, write(["a", "x"]))
+    assert handed[-1] == set() and written == ["a", "x"]
+    assert sorted(p.stem for p in folder.glob("*.npy")) == ["a", "x"]  # b and c were another fingerprint's
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def _write_bad_files(folder: Path) -> dict:
@@ -537,8 +573,8 @@ def test_unet_encoder_from_the_trained_classifier(tmp_path, monkeypatch):
 
     built = []
 
-    def recording_build(encoder, weights):
-        model = original(encoder, weights)
+    def recording_build(encoder, weights, decoder_channels=None):
+        model = original(encoder, weights, decoder_channels)
         built.append({k: v.clone() for k, v in model.encoder.model.state_dict().items()})
         return model
 

@@ -1,5 +1,6 @@
 """Stage functions called from Python, as a library user would."""
 
+import pytest
 import torch
 
 from conftest import TINY_MODEL
@@ -132,3 +133,44 @@ def test_a_unet_on_two_classes_that_both_hold_objects_finds_both(tmp_path):
     dice = {c: np.mean([scores(confusion(masks[i], dataset.load_mask(i)))["dice"] for i in range(len(dataset))
                         if dataset.classes[dataset.records[i].label] == c]) for c in ("cat", "dog")}
     assert dice["cat"] > 0.5 and dice["dog"] > 0.5, dice
+
+
+def test_unet_decoder_widths_and_channels_last_train_the_same_model_and_key_its_cache(tmp_path):
+    """Narrower decoder blocks reach the checkpoint and its reload; channels-last memory trains the same
+    numbers up to float rounding; both enter the U-Net's fingerprint only when set."""
+    import numpy as np
+    import torch
+
+    from wsseg.config_schema import SegmentConfig
+    from wsseg.data import create_dataset
+    from wsseg.pipeline.executor import fingerprint
+    from wsseg.stages.segment import load_segmenter, train_segmenter
+    from wsseg.stages.unet_labels import pseudo_mask_source
+
+    dataset = create_dataset(DatasetConfig("synthetic", None, "train", options={"n": 8, "size": 64}))
+    source = pseudo_mask_source(dataset)
+    losses = {}
+    for layout in (False, True):
+        config = SegmentConfig(masks="ground_truth", image_size=64, epochs=1, batch_size=4, amp=False,
+                               decoder_channels=[32, 16, 16, 8, 8], channels_last=layout)
+        result = train_segmenter(config, BackboneConfig(TINY_MODEL, "none"), dataset, source,
+                                 tmp_path / str(layout), "cpu")
+        losses[layout] = result.metrics["final_loss"]
+        model, meta = load_segmenter(result.checkpoint)
+        assert meta.decoder_channels == [32, 16, 16, 8, 8]
+        assert model.decoder.blocks[-1].conv2[0].out_channels == 8
+        with torch.no_grad():
+            assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+    assert fingerprint(SegmentConfig()) == fingerprint(SegmentConfig(channels_last=False, decoder_channels=None))
+    assert fingerprint(SegmentConfig(channels_last=True)) != fingerprint(SegmentConfig())
+    assert fingerprint(SegmentConfig(decoder_channels=[128, 64, 32, 16, 16])) != fingerprint(SegmentConfig())
+    old_style = {k: v for k, v in dataclass_fields(SegmentConfig()).items()
+                 if k not in ("decoder_channels", "channels_last", "inference_backend")}
+    assert fingerprint(SegmentConfig()) == fingerprint(old_style)  # caches keyed before the options stay valid
+
+
+def dataclass_fields(value):
+    import dataclasses
+
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}

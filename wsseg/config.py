@@ -192,6 +192,10 @@ def _semantic_problems(config: RecipeConfig) -> List[str]:
         epochs = config.segment.self_training_epochs
         if epochs is not None and epochs < 1:
             problems.append(f"segment.self_training_epochs: at least 1 (or null: segment.epochs), got {epochs}")
+        widths = config.segment.decoder_channels
+        if widths is not None and (len(widths) != 5 or min(widths) < 1):
+            problems.append(f"segment.decoder_channels: five positive widths, one per decoder block from the deepest "
+                            f"(or null: 256, 128, 64, 32, 16), got {widths}")
         band = config.segment.ignore_band
         if band is not None and not (len(band) == 2 and 0 <= band[0] <= band[1] <= 1):
             problems.append(f"segment.ignore_band: expected [low, high] with 0 <= low <= high <= 1, got {band}")

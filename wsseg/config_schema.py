@@ -191,9 +191,16 @@ class SegmentConfig:
     # calibration): eager PyTorch, or ONNX Runtime on the exported model (fp32, or INT8 calibrated on 16
     # training images). The run's caches key on it where it changes what is made: the labels of later rounds.
     inference_backend: UNetBackend = "torch"
+    # Channels of the U-Net's five decoder blocks, from the deepest (None: smp's 256, 128, 64, 32, 16). On CPU
+    # the decoder is half of a training step's time at the default widths (docs/BENCHMARKS.md, speed).
+    decoder_channels: Optional[List[int]] = None
+    # Train in channels-last memory layout: the same model, a faster layout for convolutions on CPU and GPU.
+    channels_last: bool = False
 
     #: Left out of this section's fingerprints (wsseg.pipeline.executor): added where it matters instead.
     NOT_FINGERPRINTED: ClassVar[Tuple[str, ...]] = ("inference_backend",)
+    #: Options added after run folders existed: in a fingerprint only when set, so those folders stay valid.
+    FINGERPRINTED_WHEN_SET: ClassVar[Tuple[str, ...]] = ("decoder_channels", "channels_last")
 
 
 @dataclass
@@ -291,6 +298,10 @@ class RecipeConfig:
     seed: int = 0
     device: str = "auto"
     on_bad_image: OnBadImage = "error"
+    # Keep each image decoded at the sizes the stages read it (image_cache/ in the run folder): training epochs
+    # and self-training rounds then read arrays instead of decoding files (the same pixels; disk: about 1 MB per
+    # Kvasir-SEG image). It pays where decoding is a real share of the time, e.g. with a GPU (docs/BENCHMARKS.md).
+    image_cache: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     classifier: Optional[ClassifierConfig] = None
     maps: MapsConfig = field(default_factory=MapsConfig)

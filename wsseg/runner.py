@@ -19,6 +19,7 @@ from wsseg import distributed as dist
 from wsseg.config import to_yaml
 from wsseg.config_schema import RecipeConfig
 from wsseg.data import DatasetCatalog
+from wsseg.data.image_cache import ImageCache
 from wsseg.environment import describe as describe_environment, environment_report
 from wsseg.errors import StageFailure, WssegError
 from wsseg.pipeline.context import RunContext, Stage
@@ -85,7 +86,8 @@ def execute(config: RecipeConfig, layout: RunLayout, data_root=None, progress: P
     """Run `stages` (default RECIPE_STAGES) of `config` in `layout`'s folder."""
     device = dist.local_device(config.device)
     log.info("recipe %s on %s (rank %d of %d)", config.name, device, dist.rank(), dist.world_size())
-    catalog = DatasetCatalog(data_root, config.on_bad_image)  # every dataset of the run, built once
+    catalog = DatasetCatalog(data_root, config.on_bad_image,  # every dataset of the run, built once
+                             ImageCache(layout.image_cache) if config.image_cache else None)
     context = RunContext(config, layout, StageExecutor(layout, resume), catalog, device, progress)
     context.metrics["skipped_images"] = catalog.skipped
     context.eval_set = context.dataset(config.maps.dataset, "maps.dataset")
@@ -98,6 +100,8 @@ def execute(config: RecipeConfig, layout: RunLayout, data_root=None, progress: P
             dist.barrier()
     if context.executor.skipped:
         context.metrics["resumed_skipped_stages"] = context.executor.skipped
+    if catalog.image_cache is not None:  # decodes this process made or saved (data-loader workers not counted)
+        context.metrics["image_cache"] = {"hits": catalog.image_cache.hits, "misses": catalog.image_cache.misses}
     return finish_run(config.name, layout, context.metrics, context.executor.timer.timings, context.artifacts)
 
 

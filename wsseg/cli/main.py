@@ -52,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optional_commands():
-    """Commands of the deployment layer (export, predict, bench) and of masks (export, import)."""
-    from wsseg.cli import deploy, masks
+    """Commands of the deployment layer (export, predict), the benchmarks and masks (export, import)."""
+    from wsseg.cli import bench, deploy, masks
 
-    return [deploy, masks]
+    return [deploy, bench, masks]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

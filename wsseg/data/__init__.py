@@ -92,9 +92,11 @@ class DatasetCatalog:
     reads it (classifier, CCAM, maps, calibration, U-Net, INT8 calibration). With `skip`, the files each one
     dropped are in `skipped` under the recipe key that named it (`classifier.train.0`, `segment.train.1`, ...)."""
 
-    def __init__(self, data_root: Optional[Union[str, Path]] = None, on_bad_image: str = "error"):
+    def __init__(self, data_root: Optional[Union[str, Path]] = None, on_bad_image: str = "error",
+                 image_cache=None):
         self.data_root = data_root
         self.on_bad_image = on_bad_image
+        self.image_cache = image_cache  # an ImageCache every dataset built here decodes through, or None
         self.skipped: Dict[str, List[str]] = {}
         self._built: Dict[tuple, SegmentationDataset] = {}
 
@@ -105,7 +107,9 @@ class DatasetCatalog:
 
         identity = (key, json.dumps(dataclasses.asdict(config), sort_keys=True, default=str))
         if identity not in self._built:
-            self._built[identity] = create_dataset(config, self.data_root, key, self.on_bad_image, self.skipped)
+            dataset = create_dataset(config, self.data_root, key, self.on_bad_image, self.skipped)
+            dataset.image_cache = self.image_cache
+            self._built[identity] = dataset
         return self._built[identity]
 
     def concat(self, configs: List[DatasetConfig], key: str) -> SegmentationDataset:

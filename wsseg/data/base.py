@@ -73,9 +73,15 @@ class SegmentationDataset:
     def labels(self) -> np.ndarray:
         return np.array([r.label for r in self.records], dtype=np.int64)
 
+    #: Decoded images kept across epochs and stages (wsseg.data.image_cache), set by a run's DatasetCatalog.
+    image_cache = None
+
     def load_image(self, index: int, max_side: Optional[int] = None) -> np.ndarray:
         """HxWx3 uint8 RGB. With `max_side`, a large image may come back smaller (never below max_side)."""
-        return read_image(self.records[index].image_path, max_side)
+        path = self.records[index].image_path
+        if self.image_cache is None:
+            return read_image(path, max_side)
+        return self.image_cache.read(path, max_side, lambda: read_image(path, max_side))
 
     def image_size(self, index: int) -> tuple:
         return image_size(self.records[index].image_path)

@@ -1,4 +1,4 @@
-"""Throughput benchmarks: PyTorch eager vs ONNX Runtime, and map methods against each other.
+"""Throughput benchmarks: PyTorch eager vs ONNX Runtime, map methods against each other, U-Net training steps.
 
 Same model, same inputs, warm-up first; returns rows of plain data for the CLI to print.
 """
@@ -87,6 +87,91 @@ def bench_inference(torch_model: torch.nn.Module, onnx_paths: Dict[str, Path], i
             ratios = [base / t for base, t in zip(seconds["pytorch eager"], times)]
             row.ratio, row.ratio_range = float(np.median(ratios)), (float(min(ratios)), float(max(ratios)))
             rows.append(row)
+    return rows
+
+
+def bench_training(variants: Dict[str, Dict], encoder: str, image_size: int, batch_size: int,
+                   warmup: int = 1, iters: int = 3, rounds: int = 3) -> List[BenchRow]:
+    """Training images/s of U-Net variants (`name -> {"decoder_channels": ..., "channels_last": ...}`): one
+    forward, backward and AdamW step on a fixed random batch, the loss the stage trains with. The variants
+    take turns `rounds` times (as `bench_inference`); ratios are to the first variant."""
+    from wsseg.models.segmenter import build_unet
+    from wsseg.stages.segment import segmentation_loss
+
+    if rounds < 1 or iters < 1:
+        raise ValueError(f"rounds and iters must be at least 1, got rounds={rounds}, iters={iters}")
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    masks = (torch.rand(batch_size, image_size, image_size, generator=generator) > 0.5).to(torch.uint8)
+    steps = {}
+    for name, options in variants.items():
+        torch.manual_seed(0)
+        model = build_unet(encoder, "none", options.get("decoder_channels")).train()
+        x = images
+        if options.get("channels_last"):
+            model, x = model.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+
+        def step(model=model, x=x, optimizer=optimizer):
+            loss = segmentation_loss(model(x)[:, 0], masks)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        steps[name] = step
+    seconds: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            seconds[name].append(time_calls(step, warmup, iters))
+    first = next(iter(seconds))
+    rows = []
+    for name, times in seconds.items():
+        row = _row(name, batch_size, float(np.median(times)))
+        ratios = [base / t for base, t in zip(seconds[first], times)]
+        row.ratio, row.ratio_range = float(np.median(ratios)), (float(min(ratios)), float(max(ratios)))
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class LabelAgreement:
+    backend: str
+    seconds_per_image: float
+    mean_dice: float  # of each image's mask against the eager PyTorch one
+    min_dice: float
+    pixel_agreement: float
+    max_probability_difference: float
+
+
+def backend_label_agreement(model: torch.nn.Module, meta, dataset, n_images: int,
+                            backends: Sequence[str] = ("torch", "onnx", "onnx_int8"), batch_size: int = 8,
+                            threshold: float = 0.5) -> List[LabelAgreement]:
+    """How far each `segment.inference_backend` moves a U-Net's masks (at `threshold`, before refinement: what
+    the self-training labels start from) from eager PyTorch's, and its time per image, on `n_images` spread
+    over `dataset`, predicted as `meta` says (size, flips). INT8 calibrates on the same dataset."""
+    from wsseg.metrics import dice
+    from wsseg.stages.common import eval_loader
+    from wsseg.stages.unet_predict import unet_predictor
+
+    picks = np.linspace(0, len(dataset) - 1, min(n_images, len(dataset))).astype(int).tolist()
+    batches = [b["image"] for b in eval_loader(dataset, meta.input_size, meta.mean, meta.std, batch_size, picks)]
+    probabilities = {}
+    for backend in ("torch", *[b for b in backends if b != "torch"]):
+        predict = unet_predictor(model, meta, "cpu", backend, dataset)
+        try:
+            predict(batches[0][:1])  # warm-up (ONNX Runtime plans its graph on the first call)
+            start = time.perf_counter()
+            probs = np.concatenate([predict(batch) for batch in batches])
+            probabilities[backend] = (probs, (time.perf_counter() - start) / len(picks))
+        finally:
+            getattr(predict, "close", lambda: None)()
+    reference = probabilities["torch"][0]
+    rows = []
+    for backend, (probs, seconds) in probabilities.items():
+        dices = [dice(a >= threshold, b >= threshold) for a, b in zip(probs, reference)]
+        rows.append(LabelAgreement(backend, seconds, float(np.mean(dices)), float(np.min(dices)),
+                                   float(((probs >= threshold) == (reference >= threshold)).mean()),
+                                   float(np.abs(probs - reference).max())))
     return rows
 
 

@@ -27,6 +27,7 @@ class SegmenterMeta:
     # How it predicts (segment.predict): input size (None: image_size) and flips averaged over.
     predict_size: Optional[int] = None
     flips: List[str] = field(default_factory=list)
+    decoder_channels: Optional[List[int]] = None  # None: smp's default widths
 
     @property
     def input_size(self) -> int:
@@ -86,12 +87,15 @@ class FlipAveraged(torch.nn.Module):
         return torch.stack([out.flip(view) if view else out for out, view in zip(outputs, self.views)]).mean(0)
 
 
-def build_unet(encoder: str, weights: Optional[str] = "none") -> smp.Unet:
-    """U-Net whose encoder weights come from wsseg's sources (`tu-` encoders) or smp's own names."""
+def build_unet(encoder: str, weights: Optional[str] = "none",
+               decoder_channels: Optional[Sequence[int]] = None) -> smp.Unet:
+    """U-Net whose encoder weights come from wsseg's sources (`tu-` encoders) or smp's own names;
+    `decoder_channels`: the five decoder blocks' widths (None: smp's default)."""
+    widths = {} if decoder_channels is None else {"decoder_channels": tuple(decoder_channels)}
     if not encoder.startswith("tu-"):
         smp_weights = None if weights in (None, "none") else weights
-        return smp.Unet(encoder_name=encoder, encoder_weights=smp_weights, classes=1)
-    model = smp.Unet(encoder_name=encoder, encoder_weights=None, classes=1)
+        return smp.Unet(encoder_name=encoder, encoder_weights=smp_weights, classes=1, **widths)
+    model = smp.Unet(encoder_name=encoder, encoder_weights=None, classes=1, **widths)
     if weights not in (None, "none"):
         timm_encoder = model.encoder.model
         source = create_timm_model(encoder[3:], weights, features_only=True,
@@ -156,6 +160,6 @@ def load_segmenter(path: Path, map_location="cpu") -> Tuple[torch.nn.Module, Seg
     checkpoint = load_checkpoint(path, "U-Net checkpoint (checkpoints/unet.pth of a run)", ("encoder", "image_size"),
                                  map_location)
     meta = read_prediction_settings(path, SegmenterMeta(**checkpoint["meta"]))
-    model = build_unet(meta.encoder, "none")
+    model = build_unet(meta.encoder, "none", meta.decoder_channels)
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval(), meta

@@ -4,6 +4,10 @@ A stage's result is recorded in `stages/<key>.json` with the fingerprint of ever
 returns the record instead of rerunning when the fingerprint matches and its outputs exist. Under torchrun
 every rank runs every stage (training is data-parallel, maps and masks are sharded); rank 0 writes the
 record and all ranks meet at a barrier after each stage.
+
+A stage that writes one file per image (maps, a U-Net's probabilities) resumes inside itself too: its folder
+is marked with the fingerprint it is being written for, and a resumed run with the same fingerprint keeps the
+files already there (each was written atomically) and computes only the rest.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from wsseg import distributed as dist
 from wsseg.errors import about
@@ -44,17 +48,29 @@ def _plain(value: Any) -> Any:
 
 def _fields(value: Any) -> Any:
     """A dataclass as `dataclasses.asdict` gives it, less the fields its class lists in `NOT_FINGERPRINTED`
-    (how something is computed, not what: a stage that depends on one adds it to its fingerprint itself)."""
+    (how something is computed, not what: a stage that depends on one adds it to its fingerprint itself) and
+    those in `FINGERPRINTED_WHEN_SET` left at their default (options newer than the caches keyed without them)."""
     from dataclasses import fields, is_dataclass
 
     if is_dataclass(value) and not isinstance(value, type):
         skip = getattr(type(value), "NOT_FINGERPRINTED", ())
-        return {f.name: _fields(getattr(value, f.name)) for f in fields(value) if f.name not in skip}
+        when_set = getattr(type(value), "FINGERPRINTED_WHEN_SET", ())
+        default = type(value)() if when_set else None
+        return {f.name: _fields(getattr(value, f.name)) for f in fields(value) if f.name not in skip
+                and not (f.name in when_set and getattr(value, f.name) == getattr(default, f.name))}
     if isinstance(value, (list, tuple)):
         return [_fields(v) for v in value]
     if isinstance(value, dict):
         return {k: _fields(v) for k, v in value.items()}
     return value
+
+
+def _recorded_fingerprint(path: Path) -> Optional[str]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing or half written: nothing is known about the folder
+        return None
+    return record.get("fingerprint") if record.get("format") == CACHE_FORMAT else None
 
 
 class StageTimer:
@@ -120,6 +136,35 @@ class StageExecutor:
                         "outputs": self._to_stored([str(p) for p in (outputs(result) if outputs else [])])})
         dist.barrier()
         return result
+
+    def cached_folder(self, key: str, digest: str, folder: Path, write: Callable[[Set[str]], Any],
+                      suffix: str = ".npy") -> Path:
+        """A stage writing `folder/<image stem><suffix>` per image, cached like `cached`. `write(done)` gets the
+        stems an interrupted run with this fingerprint already wrote (empty unless resuming) and skips them."""
+        folder = Path(folder)
+
+        def work():
+            write(self.files_written(key, digest, folder, suffix))
+            return str(folder)
+
+        return Path(self.cached(key, digest, work, lambda r: [Path(r)]))
+
+    def files_written(self, key: str, digest: str, folder: Path, suffix: str = ".npy") -> Set[str]:
+        """Stems in `folder` from an interrupted run of stage `key` with fingerprint `digest`, when resuming.
+        Otherwise the folder's `suffix` files are stale (another fingerprint, or no resume): they are removed,
+        and the folder is marked with `digest` before anything is written into it."""
+        marker = self.layout.partial_record(key)
+        done: Set[str] = set()
+        if dist.is_main():
+            if self.resume and _recorded_fingerprint(marker) == digest:
+                done = {p.name[:-len(suffix)] for p in folder.glob(f"*{suffix}") if not p.name.startswith(".")}
+                if done:
+                    log.info("stage %s: %d files from an interrupted run kept", key, len(done))
+            else:
+                for stale in folder.glob(f"*{suffix}"):
+                    stale.unlink()
+                write_json(marker, {"format": CACHE_FORMAT, "fingerprint": digest, "folder": self._to_stored(str(folder))})
+        return set(dist.broadcast_object(sorted(done)))
 
     def _to_stored(self, value: Any) -> Any:
         if isinstance(value, dict):

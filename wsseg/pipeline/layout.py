@@ -54,6 +54,15 @@ class RunLayout:
         return self.root / "stages" / f"{key}.json"
 
     @property
+    def image_cache(self) -> Path:
+        """Decoded images, when the recipe keeps them (`image_cache: true`; wsseg.data.image_cache)."""
+        return self.root / "image_cache"
+
+    def partial_record(self, key: str) -> Path:
+        """Which fingerprint a stage's folder is being written for, while it is (wsseg.pipeline.executor)."""
+        return self.root / "stages" / f"{key}.partial.json"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

@@ -42,20 +42,20 @@ def maps_for(context: RunContext, name: str, dataset: SegmentationDataset, folde
     maps = context.config.maps
     wanted = [i for i in range(len(dataset)) if not only_positives or dataset.holds_object(i)]
 
-    def compute():
-        log.info("maps: %s on %d images", name, len(wanted))
+    def compute(done):
+        todo = [i for i in wanted if dataset.records[i].stem not in done]
+        log.info("maps: %s on %d images", name, len(todo))
         with TTAMaps(producer.build(), maps.tta.hflip, maps.tta.scales) as method:
-            if method.needs_fit:
+            if method.needs_fit:  # on the same images as before an interruption: the same fitted method
                 fit_set, fit_indices = fit_images(context, dataset, wanted)
                 fit_map_method(method, fit_set, fit_indices, maps.image_size, producer.mean, producer.std,
                                context.device, maps.batch_size, maps.num_workers)
             write_maps(method, dataset, out, maps.image_size, producer.mean, producer.std, producer.targets(dataset),
                        context.device, maps.batch_size, maps.num_workers, context.progress,
-                       description=f"maps {name}", indices=dist.shard(wanted))
-        return str(out)
+                       description=f"maps {name}", indices=dist.shard(todo))
 
-    return Path(context.cached(f"{folder}_{name}", maps_digest(context, producer, dataset_config), compute,
-                               lambda r: [Path(r)]))
+    return context.executor.cached_folder(f"{folder}_{name}", maps_digest(context, producer, dataset_config), out,
+                                          compute)
 
 
 def fit_images(context: RunContext, dataset: SegmentationDataset, wanted: List[int]):

@@ -62,12 +62,18 @@ def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: Se
         if start_meta.encoder != encoder:
             raise ConfigError(f"{start_from}: a U-Net with encoder {start_meta.encoder}, cannot start a "
                               f"{encoder} U-Net from it")
+        if start_meta.decoder_channels != config.decoder_channels:
+            raise ConfigError(f"{start_from}: a U-Net with decoder channels {start_meta.decoder_channels or 'default'}, "
+                              f"cannot fine-tune it with segment.decoder_channels={config.decoder_channels}")
         model = model.train().to(device)
     else:
-        model = build_unet(encoder, weights).to(device)
+        model = build_unet(encoder, weights, config.decoder_channels).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     mean, std = encoder_normalisation(encoder)
     meta = with_prediction(SegmenterMeta(encoder, config.image_size, mean, std, config.threshold,
-                                         trained_on=config.masks), config.predict)
+                                         trained_on=config.masks, decoder_channels=config.decoder_channels),
+                           config.predict)
     transform = train_transform(config.image_size, mean, std, config.vertical_flip)
     loader = training_loader(TorchDataset(dataset, transform, with_masks=True, masks=mask_source,
                                           max_side=2 * config.image_size),
@@ -80,8 +86,9 @@ def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: Se
 
     def step(net, batch):
         batch = batch_to(batch, device)
+        images = batch["image"].contiguous(memory_format=torch.channels_last) if config.channels_last else batch["image"]
         with autocast(device, config.amp):
-            logits = net(batch["image"])[:, 0]
+            logits = net(images)[:, 0]
         return segmentation_loss(logits.float(), batch["mask"])
 
     def after_epoch(epoch, record):

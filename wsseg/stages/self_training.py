@@ -176,16 +176,16 @@ def probabilities(context: RunContext, name: str, model, meta, train_set, digest
     """A U-Net's probabilities of its training images, from which the next round's labels are made."""
     from wsseg.stages.segment import write_probabilities
 
-    def write():
-        prob_dir = context.layout.probabilities(name)
+    def write(done):
+        todo = [i for i in range(len(train_set)) if train_set.records[i].stem not in done]
         write_probabilities(model, meta, train_set, prob_dir, context.device, batch_size, context.progress,
-                            indices=dist.shard(range(len(train_set))), predictor=predictors.get(meta))
+                            indices=dist.shard(todo), predictor=predictors.get(meta))
         dist.barrier()
-        return str(prob_dir)
 
     seg = context.config.segment
+    prob_dir = context.layout.probabilities(name)
     digest = fingerprint(digest, label_prediction(seg), *backend_key(seg.inference_backend))
-    return Path(context.cached(f"{name}_probabilities", digest, write, lambda r: [Path(r)]))
+    return context.executor.cached_folder(f"{name}_probabilities", digest, prob_dir, write)
 
 
 def predicting_as_configured(context: RunContext, name: str, model, meta, predictors):
