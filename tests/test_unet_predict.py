@@ -58,6 +58,18 @@ def test_onnx_int8_within_the_export_tolerance(unet, tmp_path):
         unet_predictor(model, meta, torch.device("cpu"), "tensorrt")
 
 
+def test_on_a_gpu_without_the_onnxruntime_cuda_provider_pytorch_predicts(unet, monkeypatch, caplog):
+    """ONNX Runtime on the CPU beside a GPU would be slower than PyTorch on it: the run says so and uses PyTorch."""
+    import wsseg.stages.unet_predict as unet_predict
+
+    model, meta = unet
+    monkeypatch.setattr(unet_predict, "onnx_runtime_has_cuda", lambda: False)
+    monkeypatch.setattr(unet_predict, "torch_predictor", lambda m, mt, device: ("pytorch on", str(device)))
+    with caplog.at_level("WARNING", logger="wsseg"):
+        assert unet_predict.unet_predictor(model, meta, torch.device("cuda"), "onnx") == ("pytorch on", "cuda")
+    assert "no CUDA provider" in caplog.text and "onnxruntime-gpu" in caplog.text
+
+
 def test_a_changed_backend_remakes_the_labels_not_the_unet_they_came_from(tmp_path):
     out = tmp_path / "run"
     overrides = tiny_demo_overrides(("gradcam",)) + ["segment.masks=gradcam", "export.enabled=false",

@@ -75,12 +75,23 @@ def unet_predictor(model: torch.nn.Module, meta: SegmenterMeta, device, backend:
         return torch_predictor(model, meta, device)
     if backend not in ("onnx", "onnx_int8"):
         raise ValueError(f"segment.inference_backend: must be torch, onnx or onnx_int8, got '{backend}'")
+    if torch.device(device).type == "cuda" and not onnx_runtime_has_cuda():
+        # ONNX Runtime on the CPU beside a GPU would be the slow path; the fp32 backend's labels equal PyTorch's.
+        log.warning("segment.inference_backend=%s: onnxruntime has no CUDA provider here (pip install "
+                    "onnxruntime-gpu), so the U-Net predicts with PyTorch on the GPU", backend)
+        return torch_predictor(model, meta, device)
     calibration = None
     if backend == "onnx_int8":
         calibration = calibration_images(calibration_set, meta)
     predictor = OnnxPredictor(model, meta, device, backend == "onnx_int8", calibration)
     model.to(device)  # export moved it to the CPU
     return predictor
+
+
+def onnx_runtime_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def calibration_images(dataset, meta: SegmenterMeta, n_images: int = INT8_CALIBRATION_IMAGES) -> list:
