@@ -44,6 +44,8 @@ def maps_for(context: RunContext, name: str, dataset: SegmentationDataset, folde
 
     def compute(done):
         todo = [i for i in wanted if dataset.records[i].stem not in done]
+        if not todo:  # every map was written before an interruption
+            return
         log.info("maps: %s on %d images", name, len(todo))
         with TTAMaps(producer.build(), maps.tta.hflip, maps.tta.scales) as method:
             if method.needs_fit:  # on the same images as before an interruption: the same fitted method

@@ -178,6 +178,8 @@ def probabilities(context: RunContext, name: str, model, meta, train_set, digest
 
     def write(done):
         todo = [i for i in range(len(train_set)) if train_set.records[i].stem not in done]
+        if not todo:  # every probability was written before an interruption
+            return
         write_probabilities(model, meta, train_set, prob_dir, context.device, batch_size, context.progress,
                             indices=dist.shard(todo), predictor=predictors.get(meta))
         dist.barrier()
