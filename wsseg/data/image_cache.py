@@ -2,8 +2,8 @@
 
 Training decodes every image again each epoch and each self-training round predicts every image again; with a
 cache those become array reads. An entry is what `read_image(path, max_side)` returned, byte for byte, so a run
-with the cache makes the same numbers as one without. It is keyed by the image's stem and the decode size and
-carries the file's identity (resolved path, size, modification time): a changed image is decoded again. Full-size
+with the cache makes the same numbers as one without. It is keyed by the decode size and the file's identity
+(resolved path, size, modification time): a changed image is decoded again. Full-size
 decodes (refinements that need the original pixels, made once per mask) are not kept: they are the large ones.
 """
 

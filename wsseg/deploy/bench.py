@@ -78,15 +78,26 @@ def bench_inference(torch_model: torch.nn.Module, onnx_paths: Dict[str, Path], i
         feed = x.numpy()
         calls = {"pytorch eager": lambda: eager(x)}
         calls.update({name: (lambda s=session: s.run(None, {"image": feed})) for name, session in sessions.items()})
-        seconds: Dict[str, List[float]] = {name: [] for name in calls}
-        for _ in range(rounds):
-            for name, call in calls.items():
-                seconds[name].append(time_calls(call, warmup, iters))
-        for name, times in seconds.items():
-            row = _row(name, batch, float(np.median(times)))
-            ratios = [base / t for base, t in zip(seconds["pytorch eager"], times)]
-            row.ratio, row.ratio_range = float(np.median(ratios)), (float(min(ratios)), float(max(ratios)))
-            rows.append(row)
+        rows += timed_in_turns(calls, batch, warmup, iters, rounds)
+    return rows
+
+
+def timed_in_turns(calls: Dict[str, Callable[[], object]], batch: int, warmup: int, iters: int,
+                   rounds: int) -> List[BenchRow]:
+    """One row per call: the calls take turns `rounds` times, each timed over `iters` calls after `warmup`.
+    A row holds the median time over rounds; its ratio is the median of the per-round ratios to the first
+    call, with their range."""
+    seconds: Dict[str, List[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            seconds[name].append(time_calls(call, warmup, iters))
+    first = seconds[next(iter(seconds))]
+    rows = []
+    for name, times in seconds.items():
+        row = _row(name, batch, float(np.median(times)))
+        ratios = [base / t for base, t in zip(first, times)]
+        row.ratio, row.ratio_range = float(np.median(ratios)), (float(min(ratios)), float(max(ratios)))
+        rows.append(row)
     return rows
 
 
@@ -94,7 +105,7 @@ def bench_training(variants: Dict[str, Dict], encoder: str, image_size: int, bat
                    warmup: int = 1, iters: int = 3, rounds: int = 3) -> List[BenchRow]:
     """Training images/s of U-Net variants (`name -> {"decoder_channels": ..., "channels_last": ...}`): one
     forward, backward and AdamW step on a fixed random batch, the loss the stage trains with. The variants
-    take turns `rounds` times (as `bench_inference`); ratios are to the first variant."""
+    take turns `rounds` times (`timed_in_turns`); ratios are to the first variant."""
     from wsseg.models.segmenter import build_unet
     from wsseg.stages.segment import segmentation_loss
 
@@ -119,18 +130,7 @@ def bench_training(variants: Dict[str, Dict], encoder: str, image_size: int, bat
             optimizer.step()
 
         steps[name] = step
-    seconds: Dict[str, List[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            seconds[name].append(time_calls(step, warmup, iters))
-    first = next(iter(seconds))
-    rows = []
-    for name, times in seconds.items():
-        row = _row(name, batch_size, float(np.median(times)))
-        ratios = [base / t for base, t in zip(seconds[first], times)]
-        row.ratio, row.ratio_range = float(np.median(ratios)), (float(min(ratios)), float(max(ratios)))
-        rows.append(row)
-    return rows
+    return timed_in_turns(steps, batch_size, warmup, iters, rounds)
 
 
 @dataclass
