@@ -103,6 +103,32 @@ def test_synthetic_is_deterministic_and_has_negatives():
     assert not np.array_equal(a.load_image(0), other.load_image(0))
 
 
+def test_synthetic_scenes_kept_in_memory_are_the_rendered_ones_and_survive_callers_and_subset(monkeypatch):
+    import wsseg.data.synthetic as synthetic
+
+    cfg = DatasetConfig("synthetic", None, "train", options={"n": 12, "size": 32})
+    fresh = create_dataset(cfg)
+    expected = {r.stem: fresh._render(r.stem, r.label) for r in fresh.records}
+    kept = create_dataset(cfg)
+    first = kept.load_image(5)
+    first[:] = 0  # a caller drawing on its copy must not change what the next caller gets
+    kept.load_mask(5)[:] = True
+    stem = kept.records[5].stem
+    assert np.array_equal(kept.load_image(5), expected[stem][0])
+    assert np.array_equal(kept.load_mask(5), expected[stem][1])
+    kept.subset(4)  # renumbers the records: the kept scenes must follow the stems, not the old indices
+    for i in range(len(kept)):
+        assert np.array_equal(kept.load_image(i), expected[kept.records[i].stem][0])
+    renders, render = [], synthetic.render_scene
+    monkeypatch.setattr(synthetic, "render_scene", lambda *a: renders.append(a) or render(*a))
+    small = create_dataset(cfg)
+    small._cache_capacity = 2  # beyond the byte budget scenes are rendered each time, not kept
+    for _ in range(2):
+        for i in range(4):
+            small.load_image(i)
+    assert len(renders) == 2 + 2 * 2
+
+
 def test_concat_refuses_repeated_stems_and_names_both_datasets():
     from wsseg.data.base import concat_datasets
 

@@ -82,7 +82,7 @@ def write_run_grids(run_dir: Path, dataset: SegmentationDataset, rows: List[Dict
     """For each map method: a fixed sample (evenly spaced images) and the worst images by Dice."""
     plots = RunLayout(run_dir).plots
     written = []
-    sample = list(np.linspace(0, len(dataset) - 1, min(n_images, len(dataset))).astype(int))
+    sample = dataset.spread(n_images)
     index_of = {r.stem: i for i, r in enumerate(dataset.records)}
     for method in methods:
         dice = {r["stem"]: r["dice"] for r in rows if r["method"] == method}

@@ -107,6 +107,11 @@ class SegmentationDataset:
         """Boolean HxW of pixels left out of scores and of supervised training (None: none are)."""
         return None
 
+    def spread(self, n: int) -> List[int]:
+        """`n` image indices spread evenly from the first image to the last (all of them if there are fewer):
+        the fixed sample that calibration, benches and report grids take."""
+        return np.linspace(0, len(self) - 1, min(n, len(self))).astype(int).tolist()
+
     def subset(self, limit: Optional[int]) -> "SegmentationDataset":
         """Keep the first `limit` records, spread over the classes (for quick runs)."""
         if limit is None or limit >= len(self.records):

@@ -61,6 +61,11 @@ def render_scene(seed: int, size: int = 128, n_objects: int = 1):
     return np.clip(image, 0, 255).astype(np.uint8), mask.astype(bool)
 
 
+# Rendering costs a few ms a scene and every epoch asks for each scene again (image and mask separately), so
+# rendered scenes are kept in memory up to this many bytes per dataset; beyond it they are rendered on demand.
+CACHE_BYTES = 512 * 2**20
+
+
 class SyntheticScenes(SegmentationDataset):
     """`n` scenes, a `negative_fraction` of them without objects; splits draw from separate seeds."""
 
@@ -75,6 +80,8 @@ class SyntheticScenes(SegmentationDataset):
         labels = (rng.random(n) >= negative_fraction).astype(int)
         records = [Record(f"synth_{self.split}_{i:05d}", None, int(labels[i]), None) for i in range(n)]
         super().__init__(records, ["background", "object"], positive_index=1)
+        self._rendered: dict = {}
+        self._cache_capacity = CACHE_BYTES // (4 * size * size)  # image (3 bytes a pixel) and mask (1)
 
     def describe(self) -> str:
         return f"synthetic split {self.split}"
@@ -84,18 +91,26 @@ class SyntheticScenes(SegmentationDataset):
         return True
 
     def _scene(self, index: int):
-        record = self.records[index]
-        i = int(record.stem.rsplit("_", 1)[1])
+        stem = self.records[index].stem  # not the index: subset() renumbers the records
+        scene = self._rendered.get(stem)
+        if scene is None:
+            scene = self._render(stem, self.records[index].label)
+            if len(self._rendered) < self._cache_capacity:
+                self._rendered[stem] = scene
+        return scene
+
+    def _render(self, stem: str, label: int):
+        i = int(stem.rsplit("_", 1)[1])
         n_objects = 0
-        if record.label:
+        if label:
             n_objects = 1 + int(np.random.default_rng([self.base_seed, i, 7]).integers(self.max_objects))
         return render_scene(self.base_seed * 100003 + i, self.size, n_objects)
 
     def load_image(self, index: int, max_side: Optional[int] = None) -> np.ndarray:
-        return self._scene(index)[0]
+        return self._scene(index)[0].copy()  # copies: a caller may draw on what it gets
 
     def load_mask(self, index: int) -> np.ndarray:
-        return self._scene(index)[1]
+        return self._scene(index)[1].copy()
 
     def image_size(self, index: int) -> tuple:
         return (self.size, self.size)

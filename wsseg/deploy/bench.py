@@ -153,7 +153,7 @@ def backend_label_agreement(model: torch.nn.Module, meta, dataset, n_images: int
     from wsseg.stages.common import eval_loader
     from wsseg.stages.unet_predict import unet_predictor
 
-    picks = np.linspace(0, len(dataset) - 1, min(n_images, len(dataset))).astype(int).tolist()
+    picks = dataset.spread(n_images)
     batches = [b["image"] for b in eval_loader(dataset, meta.input_size, meta.mean, meta.std, batch_size, picks)]
     probabilities = {}
     for backend in ("torch", *[b for b in backends if b != "torch"]):

@@ -137,8 +137,8 @@ def calibration_batches(dataset, model_path: Path, n_images: int) -> List[np.nda
     import onnxruntime as ort
 
     info = ModelInfo.from_session(ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]))
-    picks = np.linspace(0, len(dataset) - 1, min(n_images, len(dataset))).astype(int)
-    return [preprocess(dataset.load_image(int(i)), info)[None] for i in picks]
+    picks = dataset.spread(n_images)
+    return [preprocess(dataset.load_image(i), info)[None] for i in picks]
 
 
 def run_training_images(config, data_root=None):

@@ -100,7 +100,7 @@ def calibration_images(dataset, meta: SegmenterMeta, n_images: int = INT8_CALIBR
 
     if dataset is None or len(dataset) == 0:
         raise ValueError("segment.inference_backend=onnx_int8 needs the U-Net's training images to calibrate on")
-    picks = np.linspace(0, len(dataset) - 1, min(n_images, len(dataset))).astype(int).tolist()
+    picks = dataset.spread(n_images)
     loader = eval_loader(dataset, meta.input_size, meta.mean, meta.std, 1, picks)
     return [batch["image"].numpy().astype(np.float32) for batch in loader]
 
