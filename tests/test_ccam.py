@@ -203,3 +203,26 @@ def test_ccam_optimizer_is_validated():
 
     with pytest.raises(ConfigError, match=r"maps.method_options.ccam_cls.optimizer: must be sgd or adam, got 'lbfgs'"):
         load_recipe("demo", ["maps.method_options.ccam_cls.optimizer=lbfgs"])
+
+
+def test_a_retrained_ccam_labels_through_its_own_onnx_export_not_an_earlier_one(tmp_path):
+    """The demo's ccam_cls labels through ONNX Runtime. Resumed with a changed option, the run trains it again:
+    its maps must be the new model's (as a fresh run with that option writes them), not the old export's."""
+    from conftest import tiny_demo_overrides
+    from wsseg.cli.main import main
+
+    overrides = tiny_demo_overrides(("ccam_cls",)) + ["segment=null", "export.enabled=false",
+                                                      "pseudo_masks.variants=[]"]
+    changed = ["maps.method_options.ccam_cls.epochs=2"]
+    resumed, fresh = tmp_path / "resumed", tmp_path / "fresh"
+    assert main(["recipe", "run", "demo", "--out", str(resumed), *overrides]) == 0
+    before = {p.name: np.load(p) for p in (resumed / "maps" / "ccam_cls").glob("*.npy")}
+    assert main(["recipe", "run", "--resume", str(resumed), *overrides, *changed]) == 0
+    assert main(["recipe", "run", "demo", "--out", str(fresh), *overrides, *changed]) == 0
+    after = {p.name: np.load(p) for p in (resumed / "maps" / "ccam_cls").glob("*.npy")}
+    expected = {p.name: np.load(p) for p in (fresh / "maps" / "ccam_cls").glob("*.npy")}
+    assert before and sorted(after) == sorted(expected) == sorted(before)
+    assert not all(np.array_equal(before[k], after[k]) for k in before)
+    for k in expected:
+        np.testing.assert_array_equal(after[k], expected[k])
+    assert len(list((resumed / "checkpoints").glob("ccam_cls.*.maps.onnx"))) == 1  # the earlier export is gone

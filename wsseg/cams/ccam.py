@@ -96,16 +96,18 @@ class CCAMMethod(TrainedMapMethod):
         model = model.to(context.device)
         build = lambda: CCAMMaps(model)  # noqa: E731
         if options.inference_backend == "onnx":  # exported once, then labelled by ONNX Runtime
-            build = self._onnx_maps(context, name, checkpoint)
+            build = self._onnx_maps(context, name, checkpoint, digest[:12])
         return MapProducer(build, tuple(meta["mean"]), tuple(meta["std"]),
                            lambda dataset: np.zeros(len(dataset), dtype=np.int64),
                            fingerprint(digest, options.inference_backend))
 
-    def _onnx_maps(self, context, name: str, checkpoint: Path):
+    def _onnx_maps(self, context, name: str, checkpoint: Path, tag: str):
         from wsseg import distributed as dist
 
-        onnx_path = context.layout.map_labelling_onnx(name)
+        onnx_path = context.layout.map_labelling_onnx(name, tag)
         if dist.is_main() and not onnx_path.is_file():
+            for stale in onnx_path.parent.glob(f"{name}.*.maps.onnx"):  # exports of earlier trainings
+                stale.unlink()
             self.export(checkpoint, onnx_path)
         dist.barrier()
         return lambda: CCAMOnnxMaps(onnx_path, device=context.config.device)

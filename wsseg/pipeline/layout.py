@@ -103,6 +103,7 @@ class RunLayout:
         """A trained map method's exported model (`<name>.onnx`)."""
         return self.root / f"{name}.onnx"
 
-    def map_labelling_onnx(self, name: str) -> Path:
-        """The map model ONNX Runtime labels with inside the run (CCAM's `inference_backend: onnx`)."""
-        return self.checkpoints / f"{name}.maps.onnx"
+    def map_labelling_onnx(self, name: str, tag: str) -> Path:
+        """The map model ONNX Runtime labels with inside the run (CCAM's `inference_backend: onnx`), tagged
+        with the trained model's fingerprint: a retrained model never labels through an earlier export."""
+        return self.checkpoints / f"{name}.{tag}.maps.onnx"
