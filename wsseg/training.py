@@ -67,8 +67,10 @@ class NonFiniteLoss(FloatingPointError):
 def fit(name: str, model: torch.nn.Module, loader: DataLoader, step: Callable[[torch.nn.Module, dict], torch.Tensor],
         optimizer: torch.optim.Optimizer, scheduler, epochs: int, state_path: Path, device: torch.device,
         progress: ProgressFn = no_progress, before_epoch: Optional[Callable[[int], None]] = None,
-        after_epoch: Optional[Callable[[int, Dict], None]] = None) -> List[Dict]:
-    """Train for `epochs`; `step(model, batch) -> loss`. Resumes from `state_path` when it exists."""
+        after_epoch: Optional[Callable[[int, Dict], None]] = None, channels_last: bool = False) -> List[Dict]:
+    """Train for `epochs`; `step(model, batch) -> loss`. Resumes from `state_path` when it exists. The model
+    trains in channels-last memory on CUDA, and on any device with `channels_last` (`step` then moves its
+    batches with `batch_to(..., channels_last=True)`)."""
     state_path = Path(state_path)
     history: List[Dict] = []
     start = 0
@@ -80,7 +82,7 @@ def fit(name: str, model: torch.nn.Module, loader: DataLoader, step: Callable[[t
         _set_rng_state(state["rng"], loader)
         history, start = state["history"], state["epoch"]
         log.info("%s: resuming after epoch %d from %s", name, start, state_path)
-    if torch.device(device).type == "cuda":
+    if channels_last or torch.device(device).type == "cuda":
         model.to(memory_format=torch.channels_last)
     model = wrap_model(model, device)
     for epoch in range(start, epochs):

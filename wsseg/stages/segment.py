@@ -68,8 +68,6 @@ def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: Se
         model = model.train().to(device)
     else:
         model = build_unet(encoder, weights, config.decoder_channels).to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     mean, std = encoder_normalisation(encoder)
     meta = with_prediction(SegmenterMeta(encoder, config.image_size, mean, std, config.threshold,
                                          trained_on=config.masks, decoder_channels=config.decoder_channels),
@@ -85,10 +83,9 @@ def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: Se
     best = {"score": -1.0}
 
     def step(net, batch):
-        batch = batch_to(batch, device)
-        images = batch["image"].contiguous(memory_format=torch.channels_last) if config.channels_last else batch["image"]
+        batch = batch_to(batch, device, config.channels_last)
         with autocast(device, config.amp):
-            logits = net(images)[:, 0]
+            logits = net(batch["image"])[:, 0]
         return segmentation_loss(logits.float(), batch["mask"])
 
     def after_epoch(epoch, record):
@@ -100,7 +97,8 @@ def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: Se
             save_segmenter(checkpoint, model, meta, {"epoch": epoch + 1})
 
     history = fit(name, model, loader, step, optimizer, scheduler, config.epochs, state_file(out_dir, name, state_tag),
-                  device, progress, lambda epoch: transform.set_random_seed(seed * 1000 + epoch), after_epoch)
+                  device, progress, lambda epoch: transform.set_random_seed(seed * 1000 + epoch), after_epoch,
+                  config.channels_last)
     if not checkpoint.is_file() and dist.is_main():  # resumed after the last epoch: nothing left to train
         save_segmenter(checkpoint, model, meta, {"epoch": config.epochs})
     dist.barrier()
