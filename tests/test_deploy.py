@@ -304,9 +304,10 @@ def test_bench_train_times_each_unet_variant_and_the_cli_writes_them(tmp_path, c
     from wsseg.deploy.bench import bench_training
 
     rows = bench_training({"default": {}, "narrow, channels_last": {"decoder_channels": [16, 8, 8, 8, 8],
-                                                                    "channels_last": True}},
+                                                                    "channels_last": True},
+                           "bf16": {"cpu_amp": "bf16"}},
                           TINY_ENCODER, 32, 2, warmup=1, iters=1, rounds=2)
-    assert [r.name for r in rows] == ["default", "narrow, channels_last"]
+    assert [r.name for r in rows] == ["default", "narrow, channels_last", "bf16"]
     assert rows[0].ratio == 1.0 and all(r.images_per_s > 0 for r in rows)
     with pytest.raises(ValueError, match="rounds"):
         bench_training({"default": {}}, TINY_ENCODER, 32, 2, rounds=0)
@@ -315,7 +316,8 @@ def test_bench_train_times_each_unet_variant_and_the_cli_writes_them(tmp_path, c
                  "--decoder-channels", "16", "8", "8", "8", "8", "--iters", "1", "--rounds", "1", "--out", str(out)]) == 0
     assert "channels_last" in capsys.readouterr().out
     assert [r["name"] for r in json.loads(out.read_text())] == [
-        "default", "channels_last", "decoder [16, 8, 8, 8, 8]", "decoder [16, 8, 8, 8, 8], channels_last"]
+        "default", "channels_last", "decoder [16, 8, 8, 8, 8]", "decoder [16, 8, 8, 8, 8], channels_last",
+        "channels_last, bf16 autocast", "decoder [16, 8, 8, 8, 8], channels_last, bf16 autocast"]
 
 
 def test_bench_labels_compares_each_backends_masks_with_pytorchs(exported, kvasir_root, tmp_path, capsys):

@@ -166,8 +166,58 @@ def test_unet_decoder_widths_and_channels_last_train_the_same_model_and_key_its_
     assert fingerprint(SegmentConfig(channels_last=True)) != fingerprint(SegmentConfig())
     assert fingerprint(SegmentConfig(decoder_channels=[128, 64, 32, 16, 16])) != fingerprint(SegmentConfig())
     old_style = {k: v for k, v in dataclass_fields(SegmentConfig()).items()
-                 if k not in ("decoder_channels", "channels_last", "inference_backend")}
+                 if k not in ("decoder_channels", "channels_last", "inference_backend", "cpu_amp")}
     assert fingerprint(SegmentConfig()) == fingerprint(old_style)  # caches keyed before the options stay valid
+
+
+def test_cpu_bf16_autocast_is_used_only_where_asked_and_keys_each_training_cache(tmp_path, monkeypatch):
+    """`cpu_amp`: bf16 runs a CPU forward pass in bfloat16, auto only on a CPU with hardware bf16, off (and
+    amp: false) in fp32; the classifier and the U-Net train under it (their losses move by bf16 rounding only);
+    it enters a section's fingerprint only when set."""
+    import wsseg.device as device_module
+    from wsseg.config_schema import SegmentConfig
+    from wsseg.data import create_dataset
+    from wsseg.device import autocast
+    from wsseg.pipeline.executor import fingerprint
+    from wsseg.stages.segment import train_segmenter
+    from wsseg.stages.unet_labels import pseudo_mask_source
+
+    conv, x = torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
+
+    def dtype_under(*args):
+        with autocast(torch.device("cpu"), *args):
+            return conv(x).dtype
+
+    assert dtype_under(True, "bf16") == torch.bfloat16
+    assert dtype_under(True, "off") == torch.float32 and dtype_under(False, "bf16") == torch.float32
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda native=native: native)
+        assert dtype_under(True, "auto") == expected
+    with pytest.raises(ValueError, match="cpu_amp"):
+        dtype_under(True, "fp8")
+
+    data = DatasetConfig("synthetic", None, "train", options={"n": 16, "size": 32})
+    losses = {}
+    for mode in ("off", "bf16"):
+        config = ClassifierConfig(train=[data], image_size=32, epochs=1, batch_size=8, cpu_amp=mode)
+        history = torch.load(train_classifier(config, BackboneConfig(TINY_MODEL, "none"), tmp_path / f"c{mode}",
+                                              "cpu").checkpoint, weights_only=False)["loss_history"]
+        losses["classifier", mode] = history[-1]
+    dataset = create_dataset(DatasetConfig("synthetic", None, "train", options={"n": 8, "size": 64}))
+    for mode in ("off", "bf16"):
+        config = SegmentConfig(masks="ground_truth", image_size=64, epochs=1, batch_size=4, cpu_amp=mode)
+        result = train_segmenter(config, BackboneConfig(TINY_MODEL, "none"), dataset, pseudo_mask_source(dataset),
+                                 tmp_path / f"u{mode}", "cpu")
+        losses["unet", mode] = result.metrics["final_loss"]
+    for stage in ("classifier", "unet"):
+        assert losses[stage, "bf16"] != losses[stage, "off"], "bf16 autocast did not reach the training step"
+        assert losses[stage, "bf16"] == pytest.approx(losses[stage, "off"], rel=0.05), losses
+    newer_options = {SegmentConfig: ("decoder_channels", "channels_last", "inference_backend"),
+                     ClassifierConfig: (), CCAMConfig: ()}
+    for section, others in newer_options.items():
+        assert fingerprint(section(cpu_amp="auto")) != fingerprint(section())
+        before = {k: v for k, v in dataclass_fields(section()).items() if k not in ("cpu_amp", *others)}
+        assert fingerprint(section()) == fingerprint(before)  # caches keyed before the option stay valid
 
 
 def dataclass_fields(value):

@@ -39,6 +39,9 @@ MaskThresholdMode = Literal["fixed", "otsu", "calibrated"]  # pseudo_masks.varia
 PredictThresholdMode = Literal["fixed", "calibrated"]  # segment.predict.threshold_mode
 SelfTrainingInit = Literal["fresh", "previous"]
 OnBadImage = Literal["error", "skip"]
+# Mixed precision of a training stage on CPU (`amp` is the GPU's): bf16 autocast, `auto` where the CPU has
+# hardware bf16 (AVX512-BF16, AMX), where it is about 1.6x faster per U-Net step (docs/BENCHMARKS.md, speed).
+CpuAmp = Literal["off", "bf16", "auto"]
 CCAM_OPTIMIZERS = get_args(CCAMOptimizer)
 CLASSIFIER_WEIGHTS = "classifier"  # segment.encoder_weights: start the U-Net's encoder from the trained classifier
 UNET_SIZE_MULTIPLE = 32  # U-Net encoders downsample 5 times
@@ -71,6 +74,10 @@ class ClassifierConfig:
     vertical_flip: bool = True
     num_workers: int = 0
     amp: bool = True
+    cpu_amp: CpuAmp = "off"
+
+    #: Options added after run folders existed: in a fingerprint only when set, so those folders stay valid.
+    FINGERPRINTED_WHEN_SET: ClassVar[Tuple[str, ...]] = ("cpu_amp",)
 
 
 @dataclass
@@ -130,6 +137,10 @@ class CCAMConfig:
     vertical_flip: bool = True
     num_workers: int = 0
     amp: bool = True
+    cpu_amp: CpuAmp = "off"
+
+    #: Options added after run folders existed: in a fingerprint only when set, so those folders stay valid.
+    FINGERPRINTED_WHEN_SET: ClassVar[Tuple[str, ...]] = ("cpu_amp",)
 
 
 @dataclass
@@ -196,11 +207,13 @@ class SegmentConfig:
     decoder_channels: Optional[List[int]] = None
     # Train in channels-last memory layout: the same model, a faster layout for convolutions on CPU and GPU.
     channels_last: bool = False
+    # bf16 autocast while training on CPU (CpuAmp above); predictions stay fp32.
+    cpu_amp: CpuAmp = "off"
 
     #: Left out of this section's fingerprints (wsseg.pipeline.executor): added where it matters instead.
     NOT_FINGERPRINTED: ClassVar[Tuple[str, ...]] = ("inference_backend",)
     #: Options added after run folders existed: in a fingerprint only when set, so those folders stay valid.
-    FINGERPRINTED_WHEN_SET: ClassVar[Tuple[str, ...]] = ("decoder_channels", "channels_last")
+    FINGERPRINTED_WHEN_SET: ClassVar[Tuple[str, ...]] = ("decoder_channels", "channels_last", "cpu_amp")
 
 
 @dataclass

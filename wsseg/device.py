@@ -19,11 +19,32 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16/fp16 autocast on CUDA; a no-op on CPU, where it rarely speeds up convolutions."""
-    if enabled and torch.device(device).type == "cuda":
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX): there bf16 autocast makes
+    convolutions faster; elsewhere PyTorch emulates bf16 and it is slower than fp32."""
+    try:
+        capabilities = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):  # a PyTorch without the query: assume the safe answer
+        return False
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def cpu_autocast_enabled(cpu_amp: str = "off") -> bool:
+    """`cpu_amp` of a training section: `off`, `bf16` (always) or `auto` (where the CPU has native bf16)."""
+    if cpu_amp not in ("off", "bf16", "auto"):
+        raise ValueError(f"cpu_amp must be off, bf16 or auto, got {cpu_amp!r}")
+    return cpu_amp == "bf16" or (cpu_amp == "auto" and cpu_has_native_bf16())
+
+
+def autocast(device: torch.device, enabled: bool = True, cpu_amp: str = "off"):
+    """bf16/fp16 autocast on CUDA; on CPU bf16 autocast only when `cpu_amp` asks for it (see
+    cpu_autocast_enabled), because without hardware bf16 it slows convolutions down."""
+    device_type = torch.device(device).type
+    if enabled and device_type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
+    if enabled and device_type == "cpu" and cpu_autocast_enabled(cpu_amp):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -101,10 +101,11 @@ def cmd_bench_labels(args) -> int:
 
 def _add_train_parser(kinds) -> None:
     train = kinds.add_parser(
-        "train", help="U-Net training steps/s: default vs channels-last memory vs narrower decoder blocks",
+        "train", help="U-Net training steps/s: default vs channels-last memory, narrower decoder blocks, bf16 autocast",
         description="Times one training step (forward, loss, backward, AdamW) of the U-Net on a random batch for "
-                    "each variant, the variants taking turns: what segment.channels_last and "
-                    "segment.decoder_channels save on this machine. Weights do not change the speed.")
+                    "each variant, the variants taking turns: what segment.channels_last, "
+                    "segment.decoder_channels and segment.cpu_amp (bf16 autocast; fast only on CPUs with hardware "
+                    "bf16) save on this machine. Weights do not change the speed.")
     train.add_argument("--encoder", default="tu-tf_efficientnet_lite0", help="U-Net encoder (smp name or tu-<timm>)")
     train.add_argument("--size", type=int, default=256, help="training crop size (segment.image_size)")
     train.add_argument("--batch-size", type=int, default=8)
@@ -124,7 +125,10 @@ def cmd_bench_train(args) -> int:
     narrow = list(args.decoder_channels)
     variants = {"default": {}, "channels_last": {"channels_last": True},
                 f"decoder {narrow}": {"decoder_channels": narrow},
-                f"decoder {narrow}, channels_last": {"decoder_channels": narrow, "channels_last": True}}
+                f"decoder {narrow}, channels_last": {"decoder_channels": narrow, "channels_last": True},
+                "channels_last, bf16 autocast": {"channels_last": True, "cpu_amp": "bf16"},
+                f"decoder {narrow}, channels_last, bf16 autocast": {"decoder_channels": narrow, "channels_last": True,
+                                                                    "cpu_amp": "bf16"}}
     rows = bench_training(variants, args.encoder, args.size, args.batch_size, iters=args.iters, rounds=args.rounds)
     _print_rows(f"U-Net training steps ({args.encoder}, {args.size} px, batch {args.batch_size}, "
                 f"{torch.get_num_threads()} torch threads)", rows, args.out, "U-Net variant")

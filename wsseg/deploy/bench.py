@@ -103,9 +103,10 @@ def timed_in_turns(calls: Dict[str, Callable[[], object]], batch: int, warmup: i
 
 def bench_training(variants: Dict[str, Dict], encoder: str, image_size: int, batch_size: int,
                    warmup: int = 1, iters: int = 3, rounds: int = 3) -> List[BenchRow]:
-    """Training images/s of U-Net variants (`name -> {"decoder_channels": ..., "channels_last": ...}`): one
-    forward, backward and AdamW step on a fixed random batch, the loss the stage trains with. The variants
-    take turns `rounds` times (`timed_in_turns`); ratios are to the first variant."""
+    """Training images/s of U-Net variants (`name -> {"decoder_channels": ..., "channels_last": ...,
+    "cpu_amp": ...}`): one forward, backward and AdamW step on a fixed random batch, the loss the stage trains
+    with. The variants take turns `rounds` times (`timed_in_turns`); ratios are to the first variant."""
+    from wsseg.device import autocast
     from wsseg.models.segmenter import build_unet
     from wsseg.stages.segment import segmentation_loss
 
@@ -123,8 +124,10 @@ def bench_training(variants: Dict[str, Dict], encoder: str, image_size: int, bat
             model, x = model.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
 
-        def step(model=model, x=x, optimizer=optimizer):
-            loss = segmentation_loss(model(x)[:, 0], masks)
+        def step(model=model, x=x, optimizer=optimizer, cpu_amp=options.get("cpu_amp", "off")):
+            with autocast(torch.device("cpu"), True, cpu_amp):
+                logits = model(x)[:, 0]
+            loss = segmentation_loss(logits.float(), masks)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -151,7 +151,7 @@ def _train_whole(config: CCAMConfig, model: CCAM, dataset, mean, std, criterion,
         images = batch_to(batch, device)["image"]
         if not next(model.backbone.parameters()).requires_grad:
             model.backbone.eval()  # frozen phase: batch-norm statistics stay as initialised
-        with autocast(device, config.amp):
+        with autocast(device, config.amp, config.cpu_amp):
             fg, bg, _ = net(images, mode="train")
         loss, _terms = criterion(fg.float(), bg.float())
         return loss

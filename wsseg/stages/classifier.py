@@ -122,7 +122,7 @@ def train_classifier(config: ClassifierConfig, backbone: BackboneConfig, out_dir
 
     def step(net, batch):
         batch = batch_to(batch, device)
-        with autocast(device, config.amp):
+        with autocast(device, config.amp, config.cpu_amp):
             logits = net(batch["image"])
         return F.cross_entropy(logits.float(), batch["label"], weight=class_weights)
 

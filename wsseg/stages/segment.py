@@ -84,7 +84,7 @@ def train_segmenter(config: SegmentConfig, backbone: BackboneConfig, dataset: Se
 
     def step(net, batch):
         batch = batch_to(batch, device, config.channels_last)
-        with autocast(device, config.amp):
+        with autocast(device, config.amp, config.cpu_amp):
             logits = net(batch["image"])[:, 0]
         return segmentation_loss(logits.float(), batch["mask"])
 
