@@ -139,6 +139,53 @@ def test_leave_one_out_means():
     assert leave_one_out_means([1.0, 0.0, 0.5]) == [0.25, 0.75, 0.5]
 
 
+def test_leave_one_out_calibration_chooses_as_the_per_image_search_did():
+    """The same thresholds and Dice as choosing, for each left-out image, the grid value whose masks of the others
+    score best (`best_grid_threshold`), ties included."""
+    from wsseg.metrics import dice
+    from wsseg.pipeline.candidates import leave_one_out_calibration
+    from wsseg.stages.pseudo_masks import best_grid_threshold
+
+    rng = np.random.default_rng(0)
+    grid = [0.1, 0.2, 0.3, 0.4, 0.5]
+    n = 6
+    for trial in range(20):
+        truths = [rng.random((4, 4)) < 0.5 for _ in range(n)]
+        # Few pixels and few distinct masks: many ties between thresholds.
+        masks = {t: [rng.random((4, 4)) < 0.5 if rng.random() < 0.5 else truths[i] for i in range(n)] for t in grid}
+        scores = np.array([[dice(masks[t][i], truths[i]) for i in range(n)] for t in grid])
+        per_image, best = leave_one_out_calibration(scores)
+        expected = []
+        for i in range(n):
+            others = [k for k in range(n) if k != i]
+            t, _ = best_grid_threshold(grid, [truths[k] for k in others], lambda t: [masks[t][k] for k in others])
+            expected.append(dice(masks[t][i], truths[i]))
+        assert per_image == expected
+        assert grid[best] == best_grid_threshold(grid, truths, lambda t: masks[t])[0]
+
+
+def test_a_calibrated_candidate_makes_each_threshold_and_image_mask_once(tmp_path, squares, monkeypatch):
+    """With GrabCut in a chain a mask is a graph cut: the leave-one-out scores reuse one mask per (threshold,
+    image) instead of making n - 1 of them again for every left-out image."""
+    import wsseg.pipeline.candidates as candidates
+    from wsseg.config_schema import RefineStepConfig, TTAConfig
+
+    dataset = Squares(squares, "train")
+    truths = [dataset.load_mask(i) for i in range(len(dataset))]
+    map_dir = tmp_path / "maps"
+    map_dir.mkdir()
+    for i, truth in enumerate(truths):
+        np.save(map_dir / f"{dataset.records[i].stem}.npy", np.where(truth, 0.8, 0.2).astype(np.float32))
+    calls = []
+    real_mask = candidates.MaskRule.mask
+    monkeypatch.setattr(candidates.MaskRule, "mask", lambda rule, *args: calls.append(1) or real_mask(rule, *args))
+    grid = [0.3, 0.5, 0.7]
+    base = candidates.Candidate("bright", 64, TTAConfig(), [RefineStepConfig("largest_component")])
+    (row,) = candidates.score_rules(base, dataset, truths, map_dir, ["calibrated"], 0.58, grid)
+    assert len(calls) == len(grid) * len(dataset)
+    assert row.threshold == 0.3 and row.dice == pytest.approx(1.0)
+
+
 DATA_KEYS = {"name", "description", "classifier.train", "maps.dataset", "maps.fit_dataset",
              "maps.method_options.ccam.train", "select.labelled", "pseudo_masks.calibrate.dataset", "segment.train"}
 

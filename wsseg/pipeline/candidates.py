@@ -103,6 +103,20 @@ def candidate_maps(context: RunContext, method: str, size: int, tta: TTAConfig, 
     return out
 
 
+def leave_one_out_calibration(scores: np.ndarray) -> Tuple[List[float], int]:
+    """`scores[j, i]`: image i's Dice at grid threshold j. Each image's Dice at the threshold with the best mean
+    over the other images (ties to the first, as `best_grid_threshold`), and the index of the threshold with the
+    best mean over all of them."""
+    n_thresholds, n_images = scores.shape
+    per_image = []
+    for i in range(n_images):
+        others = [k for k in range(n_images) if k != i] or [i]
+        means = [float(np.mean(scores[j, others])) for j in range(n_thresholds)]
+        per_image.append(float(scores[means.index(max(means)), i]))
+    means = [float(np.mean(scores[j])) for j in range(n_thresholds)]
+    return per_image, means.index(max(means))
+
+
 def score_rules(base: Candidate, dataset: SegmentationDataset, truths: List[np.ndarray], map_dir: Path,
                 modes: Sequence[str], fixed_threshold: float, calibration_grid: Sequence[float]) -> List[Candidate]:
     """The candidate under each threshold rule, its refined maps computed once."""
@@ -120,18 +134,17 @@ def score_rules(base: Candidate, dataset: SegmentationDataset, truths: List[np.n
             per_image = [dice(otsu.mask(r), t) for r, t in zip(refined, truths)]
             threshold = float("nan")
         else:  # calibrated: each image scored at the threshold the others choose
-            per_image = []
-            for i in range(len(refined)):
-                others = [k for k in range(len(refined)) if k != i] or [i]
-                t, _ = best_grid_threshold(calibration_grid, [truths[k] for k in others],
-                                           lambda t: [rule.mask(refined[k], t) for k in others])
-                per_image.append(dice(rule.mask(refined[i], t), truths[i]))
-            threshold, _ = best_grid_threshold(calibration_grid, truths, lambda t: [rule.mask(r, t) for r in refined])
+            # Every (threshold, image) mask is made once: with GrabCut in the chain a mask costs a graph cut, and
+            # the leave-one-out choices only re-read these scores.
+            scores = np.array([[dice(rule.mask(r, t), truth) for r, truth in zip(refined, truths)]
+                               for t in calibration_grid], dtype=np.float64)
+            per_image, best = leave_one_out_calibration(scores)
+            threshold = calibration_grid[best]
         out.append(replace(base, threshold_mode=mode, threshold=float(threshold), dice=float(np.mean(per_image)),
                            per_image=[float(v) for v in per_image]))
     return out
 
 
 __all__ = ["CRF_LEVEL", "Candidate", "candidate_maps", "grid", "labelled_sample", "labelled_set",
-           "leave_one_out_means",
+           "leave_one_out_calibration", "leave_one_out_means",
            "score_rules"]
