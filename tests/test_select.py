@@ -110,9 +110,13 @@ def test_select_picks_the_truly_best_producer_and_the_run_uses_it(tmp_path, squa
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["selected"]["dice"] > 0.9  # the selected producer's masks of the evaluation images
     assert metrics["select"]["choice"]["candidate"] == rows[0]["candidate"]
+    # Each candidate keeps its per-image Dice, and the choice is also scored on images it was not chosen on.
+    assert all(len(r["per_image"]) == 5 and np.mean(r["per_image"]) == pytest.approx(r["dice"]) for r in rows)
+    assert metrics["select"]["choice_unseen_estimate"] > 0.9
     assert (out / "plots" / "select.png").stat().st_size > 0 and (out / "masks" / "selected").is_dir()
     report = (out / "report.md").read_text()
     assert "## Select (5 labelled images, 24 candidates)" in report and rows[0]["candidate"] in report
+    assert "not chosen on (nested leave-one-out)" in report
     assert "round 0's labels" in report and "no gain: the last round" in report
     assert "unet" in metrics  # the U-Net learnt from the selected masks
     # Rounds are chosen too: the selected masks are perfect here, so round 0's labels cannot gain on them and
@@ -162,6 +166,16 @@ def test_leave_one_out_calibration_chooses_as_the_per_image_search_did():
             expected.append(dice(masks[t][i], truths[i]))
         assert per_image == expected
         assert grid[best] == best_grid_threshold(grid, truths, lambda t: masks[t])[0]
+
+
+def test_the_selection_estimate_scores_each_image_with_the_choice_made_without_it():
+    from wsseg.pipeline.candidates import selection_estimate
+
+    # B wins on all three images together (0.4 > 0.333), but without image 1 or image 2 A wins and scores 0 there.
+    rows = [{"per_image": [0.4, 0.4, 0.4]}, {"per_image": [1.0, 0.0, 0.0]}]
+    assert selection_estimate(rows) == pytest.approx((0.4 + 0.0 + 0.0) / 3)
+    assert selection_estimate([{"per_image": [0.5, 0.7]}]) == pytest.approx(0.6)
+    assert selection_estimate([{"dice": 0.5}]) is None  # rows from a run before per-image scores were kept
 
 
 def test_a_calibrated_candidate_makes_each_threshold_and_image_mask_once(tmp_path, squares, monkeypatch):

@@ -42,6 +42,10 @@ def select_lines(select, top: int = 15) -> List[str]:
              "| candidate | dice | leave-one-out |", "|---|---:|---:|"]
     lines += [f"| {r['candidate']} | {r['dice']:.4f} | {r['loo_low']:.3f}-{r['loo_high']:.3f} |"
               for r in select["candidates"][:top]]
+    if select.get("choice_unseen_estimate") is not None:
+        lines.append(f"\nThe choice scored on images it was not chosen on (nested leave-one-out): "
+                     f"{select['choice_unseen_estimate']:.4f} (the winner's {select['choice']['dice']:.4f} is optimistic: "
+                     f"it is the best of {len(select['candidates'])} on the same images)")
     for step in select.get("rounds", [])[1:]:
         lines.append(f"\n{step['labels']}'s labels: Dice {step['dice']:.4f} on the labelled images"
                      f" ({'gained: another round' if step['gained'] else 'no gain: the last round'})")

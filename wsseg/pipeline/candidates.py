@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class Candidate:
                 "tta": {"hflip": self.tta.hflip, "scales": list(self.tta.scales)},
                 "refine": [{"name": s.name, "options": dict(s.options)} for s in self.refine],
                 "threshold_mode": self.threshold_mode, "threshold": self.threshold, "dice": self.dice,
-                "loo_low": min(loo), "loo_high": max(loo)}
+                "loo_low": min(loo), "loo_high": max(loo), "per_image": [float(v) for v in self.per_image]}
 
 
 def _step_label(step: RefineStepConfig) -> str:
@@ -62,6 +62,24 @@ def leave_one_out_means(values: Sequence[float]) -> List[float]:
     if len(values) < 2:
         return [float(values.mean())] if len(values) else [0.0]
     return [float((values.sum() - v) / (len(values) - 1)) for v in values]
+
+
+def selection_estimate(rows: Sequence[Dict]) -> Optional[float]:
+    """The whole choice scored on images it did not see (nested leave-one-out): for each labelled image, the
+    candidate that is best on the others, scored on that image. The winner's own mean Dice is optimistic, since it
+    was picked as the best of many on those same images. None for rows without per-image scores."""
+    if not rows or any(not r.get("per_image") for r in rows):
+        return None
+    scores = np.array([r["per_image"] for r in rows], dtype=np.float64)
+    n_images = scores.shape[1]
+    if n_images < 2:
+        return None
+    picked = []
+    for i in range(n_images):
+        others = [k for k in range(n_images) if k != i]
+        means = [float(np.mean(scores[c, others])) for c in range(len(rows))]
+        picked.append(float(scores[means.index(max(means)), i]))
+    return float(np.mean(picked))
 
 
 def labelled_sample(dataset: SegmentationDataset, n_images: int, seed: int) -> SegmentationDataset:
@@ -146,5 +164,5 @@ def score_rules(base: Candidate, dataset: SegmentationDataset, truths: List[np.n
 
 
 __all__ = ["CRF_LEVEL", "Candidate", "candidate_maps", "grid", "labelled_sample", "labelled_set",
-           "leave_one_out_calibration", "leave_one_out_means",
+           "leave_one_out_calibration", "leave_one_out_means", "selection_estimate",
            "score_rules"]

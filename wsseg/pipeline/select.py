@@ -20,7 +20,7 @@ import numpy as np
 from wsseg.config_schema import MaskVariantConfig, RecipeConfig, RefineStepConfig, TTAConfig
 from wsseg.metrics import dice
 from wsseg.pipeline.candidates import (CRF_LEVEL, Candidate, candidate_maps, grid, labelled_set, leave_one_out_means,
-                                       score_rules)
+                                       score_rules, selection_estimate)
 from wsseg.pipeline.context import RunContext, Stage
 from wsseg.pipeline.executor import fingerprint
 
@@ -50,10 +50,15 @@ class SelectStage(Stage):
             with context.timer("select"):
                 rows = self.score(context)
             choice = _from_row(rows[0])
-            context.metrics["select"] = {"labelled_images": sel.n_images, "choice": rows[0], "candidates": rows}
+            estimate = selection_estimate(rows)
+            context.metrics["select"] = {"labelled_images": sel.n_images, "choice": rows[0], "candidates": rows,
+                                         "choice_unseen_estimate": estimate}
             log.info("select: %s (Dice %.3f on %d labelled images, leave-one-out %.3f-%.3f; %d candidates)",
                      rows[0]["candidate"], rows[0]["dice"], sel.n_images, rows[0]["loo_low"], rows[0]["loo_high"],
                      len(rows))
+            if estimate is not None:
+                log.info("select: the choice scored on images it was not chosen on (nested leave-one-out): %.3f",
+                         estimate)
             write_select_outputs(context, rows)
         context.config = apply_choice(config, choice)
 
