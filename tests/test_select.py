@@ -143,11 +143,11 @@ def test_leave_one_out_means():
     assert leave_one_out_means([1.0, 0.0, 0.5]) == [0.25, 0.75, 0.5]
 
 
-def test_leave_one_out_calibration_chooses_as_the_per_image_search_did():
+def test_leave_one_out_choice_of_a_threshold_is_the_per_image_search_it_replaced():
     """The same thresholds and Dice as choosing, for each left-out image, the grid value whose masks of the others
     score best (`best_grid_threshold`), ties included."""
     from wsseg.metrics import dice
-    from wsseg.pipeline.candidates import leave_one_out_calibration
+    from wsseg.pipeline.candidates import leave_one_out_choice
     from wsseg.stages.pseudo_masks import best_grid_threshold
 
     rng = np.random.default_rng(0)
@@ -158,7 +158,7 @@ def test_leave_one_out_calibration_chooses_as_the_per_image_search_did():
         # Few pixels and few distinct masks: many ties between thresholds.
         masks = {t: [rng.random((4, 4)) < 0.5 if rng.random() < 0.5 else truths[i] for i in range(n)] for t in grid}
         scores = np.array([[dice(masks[t][i], truths[i]) for i in range(n)] for t in grid])
-        per_image, best = leave_one_out_calibration(scores)
+        per_image, best = leave_one_out_choice(scores)
         expected = []
         for i in range(n):
             others = [k for k in range(n) if k != i]

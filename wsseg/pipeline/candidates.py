@@ -18,7 +18,7 @@ from wsseg.metrics import dice
 from wsseg.pipeline.context import RunContext
 from wsseg.pipeline.masks import fit_images
 from wsseg.stages.maps import fit_map_method, write_maps
-from wsseg.stages.pseudo_masks import MaskRule, best_grid_threshold
+from wsseg.stages.pseudo_masks import MaskRule
 
 CRF_LEVEL = 0.5  # a dense CRF returns a marginal: its masks are taken at 0.5
 
@@ -68,18 +68,10 @@ def selection_estimate(rows: Sequence[Dict]) -> Optional[float]:
     """The whole choice scored on images it did not see (nested leave-one-out): for each labelled image, the
     candidate that is best on the others, scored on that image. The winner's own mean Dice is optimistic, since it
     was picked as the best of many on those same images. None for rows without per-image scores."""
-    if not rows or any(not r.get("per_image") for r in rows):
+    if not rows or any(not r.get("per_image") for r in rows) or len(rows[0]["per_image"]) < 2:
         return None
-    scores = np.array([r["per_image"] for r in rows], dtype=np.float64)
-    n_images = scores.shape[1]
-    if n_images < 2:
-        return None
-    picked = []
-    for i in range(n_images):
-        others = [k for k in range(n_images) if k != i]
-        means = [float(np.mean(scores[c, others])) for c in range(len(rows))]
-        picked.append(float(scores[means.index(max(means)), i]))
-    return float(np.mean(picked))
+    per_image, _ = leave_one_out_choice(np.array([r["per_image"] for r in rows], dtype=np.float64))
+    return float(np.mean(per_image))
 
 
 def labelled_sample(dataset: SegmentationDataset, n_images: int, seed: int) -> SegmentationDataset:
@@ -121,17 +113,17 @@ def candidate_maps(context: RunContext, method: str, size: int, tta: TTAConfig, 
     return out
 
 
-def leave_one_out_calibration(scores: np.ndarray) -> Tuple[List[float], int]:
-    """`scores[j, i]`: image i's Dice at grid threshold j. Each image's Dice at the threshold with the best mean
-    over the other images (ties to the first, as `best_grid_threshold`), and the index of the threshold with the
-    best mean over all of them."""
-    n_thresholds, n_images = scores.shape
+def leave_one_out_choice(scores: np.ndarray) -> Tuple[List[float], int]:
+    """`scores[j, i]`: image i's Dice under option j (a grid threshold, a candidate). Each image's Dice under the
+    option with the best mean over the other images (ties to the first, as `best_grid_threshold`), and the index
+    of the option with the best mean over all of them."""
+    n_options, n_images = scores.shape
     per_image = []
     for i in range(n_images):
         others = [k for k in range(n_images) if k != i] or [i]
-        means = [float(np.mean(scores[j, others])) for j in range(n_thresholds)]
+        means = [float(np.mean(scores[j, others])) for j in range(n_options)]
         per_image.append(float(scores[means.index(max(means)), i]))
-    means = [float(np.mean(scores[j])) for j in range(n_thresholds)]
+    means = [float(np.mean(scores[j])) for j in range(n_options)]
     return per_image, means.index(max(means))
 
 
@@ -156,7 +148,7 @@ def score_rules(base: Candidate, dataset: SegmentationDataset, truths: List[np.n
             # the leave-one-out choices only re-read these scores.
             scores = np.array([[dice(rule.mask(r, t), truth) for r, truth in zip(refined, truths)]
                                for t in calibration_grid], dtype=np.float64)
-            per_image, best = leave_one_out_calibration(scores)
+            per_image, best = leave_one_out_choice(scores)
             threshold = calibration_grid[best]
         out.append(replace(base, threshold_mode=mode, threshold=float(threshold), dice=float(np.mean(per_image)),
                            per_image=[float(v) for v in per_image]))
@@ -164,5 +156,5 @@ def score_rules(base: Candidate, dataset: SegmentationDataset, truths: List[np.n
 
 
 __all__ = ["CRF_LEVEL", "Candidate", "candidate_maps", "grid", "labelled_sample", "labelled_set",
-           "leave_one_out_calibration", "leave_one_out_means", "selection_estimate",
+           "leave_one_out_choice", "leave_one_out_means", "selection_estimate",
            "score_rules"]
