@@ -26,6 +26,19 @@ def test_unknown_and_mistyped_keys_are_all_reported_with_paths():
     assert len(err.value.problems) >= 2
 
 
+def test_an_unquoted_off_in_yaml_or_an_override_is_the_word_off():
+    """YAML reads `off` as False: a field whose values include "off" takes it as written, and a boolean stays an
+    error where the field has no such word."""
+    import yaml
+
+    from wsseg.config import load_recipe
+
+    assert parse_recipe(yaml.safe_load("segment: {cpu_amp: off, masks: gradcam, train: [{name: synthetic}]}")).segment.cpu_amp == "off"
+    assert load_recipe("demo", ["segment.cpu_amp=off", "classifier.cpu_amp=off"]).segment.cpu_amp == "off"
+    with pytest.raises(ConfigError, match=r"classifier.schedule: must be alternate or concat, got False"):
+        parse_recipe({"classifier": {"schedule": False}})
+
+
 def test_semantic_names_checked():
     with pytest.raises(ConfigError, match=r"maps.methods.0: unknown map method 'nope'.*gradcam"):
         parse_recipe({"maps": {"methods": ["nope"]}})

@@ -36,6 +36,10 @@ def _convert(value: Any, tp: Any, path: str, errors: List[str]) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Literal:
+        if isinstance(value, bool):
+            # YAML reads an unquoted off / on / no / yes as a boolean: give the word back where the field takes it.
+            words = [w for w in (("on", "yes", "true") if value else ("off", "no", "false")) if w in args]
+            value = words[0] if words else value
         if value not in args:
             errors.append(ValueProblem(f"{path}: must be {_one_of(args)}, got {value!r}"))
         return value  # kept, so that the checks across sections still run and every problem is listed at once
