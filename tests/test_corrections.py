@@ -62,3 +62,16 @@ def test_bench_corrections_retrains_the_unet_on_the_chosen_real_masks(tmp_path, 
     assert main(["bench", "corrections", str(run), "--fractions", "0", "0.5", "--out", str(bench)]) == 0
     again = json.loads((bench / "corrections.json").read_text())["points"]
     assert [p["dice"] for p in again] == [p["dice"] for p in points]
+
+
+def test_the_supervised_reference_is_a_run_folder_or_a_recorded_dice(tmp_path):
+    from wsseg.cli.bench import _supervised_dice
+    from wsseg.errors import WssegError
+
+    assert _supervised_dice(None) is None and _supervised_dice("0.863") == pytest.approx(0.863)
+    (tmp_path / "metrics.json").write_text(json.dumps({"unet": {"dice": 0.91}}))
+    assert _supervised_dice(str(tmp_path)) == pytest.approx(0.91)
+    with pytest.raises(WssegError, match="a Dice lies in"):
+        _supervised_dice("86.3")
+    with pytest.raises(WssegError, match="nowhere/metrics.json does not exist"):
+        _supervised_dice(str(tmp_path / "nowhere"))

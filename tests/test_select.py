@@ -119,6 +119,9 @@ def test_select_picks_the_truly_best_producer_and_the_run_uses_it(tmp_path, squa
     assert "not chosen on (nested leave-one-out)" in report
     assert "round 0's labels" in report and "no gain: the last round" in report
     assert "unet" in metrics  # the U-Net learnt from the selected masks
+    # The evaluation images were mapped by the chosen method alone: the others were scored on the labelled ones.
+    assert sorted(p.name for p in (out / "maps").iterdir()) == ["bright"]
+    assert "bright" in metrics and "dark" not in metrics and "centre" not in metrics
     # Rounds are chosen too: the selected masks are perfect here, so round 0's labels cannot gain on them and
     # round 0 is the last, whatever segment.self_training_rounds allows.
     assert metrics["select"]["self_training_rounds"] == 0 and len(metrics["select"]["rounds"]) == 2
@@ -127,6 +130,15 @@ def test_select_picks_the_truly_best_producer_and_the_run_uses_it(tmp_path, squa
     # Resumed: the choice comes from the cache.
     assert main(["recipe", "run", "--resume", str(out)]) == 0
     assert "select" in json.loads((out / "metrics.json").read_text())["resumed_skipped_stages"]
+
+
+def test_every_method_maps_the_evaluation_images_when_asked(tmp_path, squares):
+    out = tmp_path / "run"
+    overrides = _overrides(squares) + ["select.evaluate_all_methods=true", "segment=null"]
+    assert main(["recipe", "run", "demo", "--out", str(out), *overrides]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(p.name for p in (out / "maps").iterdir()) == ["bright", "centre", "dark"]
+    assert metrics["dark"]["dice"] < 0.3 < 0.9 < metrics["selected"]["dice"]
 
 
 def test_without_labelled_images_the_label_free_default_is_said(tmp_path, squares, caplog):

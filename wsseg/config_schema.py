@@ -293,6 +293,10 @@ class SelectConfig:
     # Self-training rounds (up to segment.self_training_rounds) go on while a round's labels gain on the
     # labelled images: the Dice of its refined predictions there against the previous labels'.
     choose_rounds: bool = True
+    # The evaluation images are mapped by the chosen method alone (and by any a recipe's own variant reads);
+    # true maps and scores every method of maps.methods there too, a table row each at the chosen size and TTA
+    # (on Oxford-IIIT Pet those rows were 19 of pets_auto's 68 min).
+    evaluate_all_methods: bool = False
 
 
 @dataclass

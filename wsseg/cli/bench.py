@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 from wsseg.pipeline.layout import RunLayout
 
@@ -150,8 +151,9 @@ def _add_corrections_parser(kinds) -> None:
     corrections.add_argument("--choose", nargs="+", default=["confidence", "random"], choices=["confidence", "random"],
                              help="which images a person corrects: the least confident masks first, or at random")
     corrections.add_argument("--seed", type=int, default=0, help="the random draw")
-    corrections.add_argument("--supervised", type=Path,
-                             help="a run of the same U-Net on the real masks (e.g. polyp_supervised): its Dice is drawn")
+    corrections.add_argument("--supervised", metavar="RUN_DIR|DICE",
+                             help="a run of the same U-Net on the real masks (e.g. polyp_supervised), or its recorded "
+                                  "val Dice (e.g. 0.863): drawn as the line to reach")
     corrections.add_argument("--out", type=Path, help="where the points' runs and the curve go (default RUN/corrections)")
     corrections.add_argument("--data-root", type=Path, help="folder holding the datasets (default $WSSEG_DATA or ./data)")
     corrections.set_defaults(func=cmd_bench_corrections)
@@ -280,22 +282,38 @@ def cmd_bench_infer(args) -> int:
     return 0
 
 
-def cmd_bench_corrections(args) -> int:
+def _supervised_dice(value: Optional[str]) -> Optional[float]:
+    """`--supervised`: a number in (0, 1] is the Dice itself; anything else names a finished run folder."""
     import json
 
+    from wsseg.errors import WssegError
+
+    if value is None:
+        return None
+    try:
+        dice = float(value)
+    except ValueError:
+        metrics_file = Path(value) / "metrics.json"
+        if not metrics_file.is_file():
+            raise WssegError(f"bench corrections --supervised: {metrics_file} does not exist "
+                             "(give a finished run folder or a Dice such as 0.863)") from None
+        dice = json.loads(metrics_file.read_text()).get("unet", {}).get("dice")
+        if dice is None:
+            raise WssegError(f"bench corrections --supervised: {metrics_file} has no unet Dice") from None
+        return float(dice)
+    if not 0 < dice <= 1:
+        raise WssegError(f"bench corrections --supervised: a Dice lies in (0, 1], got {value}")
+    return dice
+
+
+def cmd_bench_corrections(args) -> int:
     from rich.table import Table
 
     from wsseg.cli.ui import console, rich_progress, setup_console_logging
     from wsseg.corrections import bench_corrections, write_curve
-    from wsseg.errors import WssegError
 
     setup_console_logging(False)
-    supervised = None
-    if args.supervised is not None:
-        metrics_file = args.supervised / "metrics.json"
-        if not metrics_file.is_file():
-            raise WssegError(f"bench corrections --supervised: {metrics_file} does not exist")
-        supervised = json.loads(metrics_file.read_text()).get("unet", {}).get("dice")
+    supervised = _supervised_dice(args.supervised)
     out = args.out or args.run / "corrections"
     with rich_progress() as progress:
         points = bench_corrections(args.run, args.fractions, args.choose, out, args.overrides, args.data_root,

@@ -5,8 +5,8 @@ each threshold rule (fixed, per-image Otsu, calibrated); the `select.refine_top`
 tried again through every refinement chain of `select.refine`. Maps of the labelled images are computed once
 per (method, size, TTA) and shared by every rule and chain. A calibrated threshold is scored leave-one-out (the
 threshold chosen on the other images), so no candidate is scored on the images that chose it. The winner by
-mean Dice becomes the `selected` producer: the maps of the run are made at its size and TTA, and `segment.masks:
-selected` trains the U-Net on it.
+mean Dice becomes the `selected` producer: the maps of the run are made by its method alone (every method with
+`select.evaluate_all_methods`) at its size and TTA, and `segment.masks: selected` trains the U-Net on it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class SelectStage(Stage):
 
     name = "select"
     reads = ("producers", "config.select", "config.maps", "config.pseudo_masks")
-    writes = ("config", "metrics.select")
+    writes = ("config", "producers", "metrics.select")
 
     def enabled(self, config: RecipeConfig) -> bool:
         return config.select is not None
@@ -61,6 +61,9 @@ class SelectStage(Stage):
                          estimate)
             write_select_outputs(context, rows)
         context.config = apply_choice(config, choice)
+        if not sel.evaluate_all_methods:
+            needed = methods_needed(context.config)
+            context.producers = {name: p for name, p in context.producers.items() if name in needed}
 
     @staticmethod
     def score(context: RunContext) -> List[Dict]:
@@ -95,6 +98,18 @@ class SelectStage(Stage):
             return [c.row() for c in sorted(scored, key=lambda c: -c.dice)]
 
         return context.cached("select", digest, work)
+
+
+def methods_needed(config: RecipeConfig) -> set:
+    """The map methods whose masks the rest of the run reads: every variant's source (the selected producer's
+    among them) and the methods its refinement combines with, and `segment.masks` when it names a method."""
+    needed = set()
+    for variant in config.pseudo_masks.variants:
+        needed.add(variant.source)
+        needed.update(step.other for step in variant.refine if step.other is not None)
+    if config.segment is not None:
+        needed.add(config.segment.masks)
+    return needed & set(config.maps.methods)
 
 
 def label_free_default(config: RecipeConfig) -> Candidate:
@@ -188,4 +203,4 @@ def write_select_outputs(context: RunContext, rows: List[Dict]) -> None:
 
 
 __all__ = ["Candidate", "SELECTED", "SelectStage", "apply_choice", "label_free_default", "leave_one_out_means",
-           "score_rules"]
+           "methods_needed", "score_rules"]
