@@ -58,10 +58,13 @@ def test_bench_corrections_retrains_the_unet_on_the_chosen_real_masks(tmp_path, 
     corrected = [_digest(bench / name / "checkpoints" / "unet.pth") for name in ("confidence-0.5", "random-0.5")]
     assert unet_before not in corrected and _digest(run / "checkpoints" / "unet.pth") == unet_before
     assert (bench / "corrections.png").stat().st_size > 0
-    # A second call finds every point in its cache.
+    # A second call finds every point in its cache, its U-Net's masks included.
+    written = {p: p.stat().st_mtime_ns for p in (bench / "random-0.5" / "masks" / "unet").glob("*.png")}
+    assert written
     assert main(["bench", "corrections", str(run), "--fractions", "0", "0.5", "--out", str(bench)]) == 0
     again = json.loads((bench / "corrections.json").read_text())["points"]
     assert [p["dice"] for p in again] == [p["dice"] for p in points]
+    assert {p: p.stat().st_mtime_ns for p in written} == written
 
 
 def test_the_supervised_reference_is_a_run_folder_or_a_recorded_dice(tmp_path):

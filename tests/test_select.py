@@ -129,7 +129,8 @@ def test_select_picks_the_truly_best_producer_and_the_run_uses_it(tmp_path, squa
     assert not (out / "stages" / "unet_round1.json").exists() and (out / "masks" / "unet").is_dir()
     # Resumed: the choice comes from the cache.
     assert main(["recipe", "run", "--resume", str(out)]) == 0
-    assert "select" in json.loads((out / "metrics.json").read_text())["resumed_skipped_stages"]
+    skipped = json.loads((out / "metrics.json").read_text())["resumed_skipped_stages"]
+    assert "select" in skipped and "unet_masks" in skipped  # the U-Net's masks are not predicted again
 
 
 def test_every_method_maps_the_evaluation_images_when_asked(tmp_path, squares):

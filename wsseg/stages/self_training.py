@@ -122,10 +122,18 @@ class SegmentStage(Stage):
                         passes[0][1].update(refined)
                     else:
                         passes.append((label_meta, refined))
-                for pass_meta, mask_sets in passes:
-                    write_masks(model, pass_meta, context.eval_set, mask_sets, context.device, seg.batch_size,
-                                context.progress, indices=dist.shard(range(len(context.eval_set))),
-                                predictor=predictors.get(pass_meta))
+
+                def write_evaluation_masks():
+                    for pass_meta, mask_sets in passes:
+                        write_masks(model, pass_meta, context.eval_set, mask_sets, context.device, seg.batch_size,
+                                    context.progress, indices=dist.shard(range(len(context.eval_set))),
+                                    predictor=predictors.get(pass_meta))
+                    return [str(folder) for _, mask_sets in passes for folder in mask_sets]
+
+                # Keyed on the model and how it predicted: a resumed run (or a bench's finished point) reads them.
+                masks_digest = fingerprint(digest, [(m, {f.name: v for f, v in sets.items()}) for m, sets in passes],
+                                           config.maps.dataset, config.on_bad_image, *backend_key(seg.inference_backend))
+                context.cached(f"{name}_masks", masks_digest, write_evaluation_masks, lambda r: [Path(p) for p in r])
                 if not last:  # the next round learns from this model's confident pixels
                     prob_dir = probabilities(context, name, model, label_meta, train_set, digest, seg.batch_size,
                                              predictors)
