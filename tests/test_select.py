@@ -142,6 +142,17 @@ def test_every_method_maps_the_evaluation_images_when_asked(tmp_path, squares):
     assert metrics["dark"]["dice"] < 0.3 < 0.9 < metrics["selected"]["dice"]
 
 
+def test_what_is_mapped_after_the_choice_does_not_key_the_choice():
+    from dataclasses import replace
+
+    from wsseg.config_schema import SelectConfig
+    from wsseg.pipeline.executor import fingerprint
+
+    # Runs recorded before the option existed keep their select stage.
+    assert fingerprint(SelectConfig()) == fingerprint(replace(SelectConfig(), evaluate_all_methods=True))
+    assert fingerprint(SelectConfig()) != fingerprint(replace(SelectConfig(), n_images=20))
+
+
 def test_without_labelled_images_the_label_free_default_is_said(tmp_path, squares, caplog):
     out = tmp_path / "run"
     with caplog.at_level("WARNING", logger="wsseg"):
