@@ -23,6 +23,7 @@ from wsseg.pipeline.candidates import (CRF_LEVEL, Candidate, candidate_maps, gri
                                        score_rules, selection_estimate)
 from wsseg.pipeline.context import RunContext, Stage
 from wsseg.pipeline.executor import fingerprint
+from wsseg.stages.pseudo_masks import MaskRule
 
 log = logging.getLogger("wsseg")
 SELECTED = "selected"  # the producer the stage makes (segment.masks: selected)
@@ -104,9 +105,8 @@ def methods_needed(config: RecipeConfig) -> set:
     """The map methods whose masks the rest of the run reads: every variant's source (the selected producer's
     among them) and the methods its refinement combines with, and `segment.masks` when it names a method."""
     needed = set()
-    for variant in config.pseudo_masks.variants:
-        needed.add(variant.source)
-        needed.update(step.other for step in variant.refine if step.other is not None)
+    for variant in config.pseudo_masks.variants:  # what a variant reads is its rule's to say
+        needed.update(MaskRule(variant.source, steps=variant.refine).maps_needed)
     if config.segment is not None:
         needed.add(config.segment.masks)
     return needed & set(config.maps.methods)
