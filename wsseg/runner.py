@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -84,6 +85,7 @@ def run_recipe(config: RecipeConfig, out_dir: Path, data_root: Optional[Path] = 
 def execute(config: RecipeConfig, layout: RunLayout, data_root=None, progress: ProgressFn = no_progress,
             resume: bool = False, stages: Optional[List[Stage]] = None) -> RunResult:
     """Run `stages` (default RECIPE_STAGES) of `config` in `layout`'s folder."""
+    started = time.perf_counter()
     device = dist.local_device(config.device)
     log.info("recipe %s on %s (rank %d of %d)", config.name, device, dist.rank(), dist.world_size())
     catalog = DatasetCatalog(data_root, config.on_bad_image,  # every dataset of the run, built once
@@ -102,6 +104,8 @@ def execute(config: RecipeConfig, layout: RunLayout, data_root=None, progress: P
         context.metrics["resumed_skipped_stages"] = context.executor.skipped
     if catalog.image_cache is not None:  # decodes this process made or saved (data-loader workers not counted)
         context.metrics["image_cache"] = {"hits": catalog.image_cache.hits, "misses": catalog.image_cache.misses}
+    # This invocation's wall time (stage timings overlap: a U-Net's threshold calibration is inside its stage).
+    context.metrics["wall_s"] = time.perf_counter() - started
     return finish_run(config.name, layout, context.metrics, context.executor.timer.timings, context.artifacts)
 
 

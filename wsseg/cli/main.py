@@ -7,7 +7,7 @@ import sys
 from typing import List, Optional
 
 from wsseg import __version__
-from wsseg.cli import recipe
+from wsseg.cli import compare, recipe
 from wsseg.errors import WssegError
 
 
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     lister.add_argument("kind", nargs="?", choices=["datasets", "maps", "weights", "references", "refinements",
                                                     "recipes"])
     lister.set_defaults(func=cmd_list)
+    compare.add_parser(subparsers)
     for module in _optional_commands():
         module.add_parser(subparsers)
     return parser
