@@ -126,6 +126,7 @@ def test_select_picks_the_truly_best_producer_and_the_run_uses_it(tmp_path, squa
     # round 0 is the last, whatever segment.self_training_rounds allows.
     assert metrics["select"]["self_training_rounds"] == 0 and len(metrics["select"]["rounds"]) == 2
     assert metrics["select"]["rounds"][1]["gained"] is False
+    assert 0 <= metrics["select"]["rounds"][1]["unet_dice"] <= 1 and "the U-Net's own masks" in report
     assert not (out / "stages" / "unet_round1.json").exists() and (out / "masks" / "unet").is_dir()
     # Resumed: the choice comes from the cache.
     assert main(["recipe", "run", "--resume", str(out)]) == 0

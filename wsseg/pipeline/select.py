@@ -156,14 +156,18 @@ class RoundChooser:
         from wsseg.progress import no_progress
 
         seg = self.context.config.segment
-        per_image = []
+        per_image, unrefined = [], []
         for index, prob in _image_probabilities(model, meta, self.dataset, self.context.device, seg.batch_size,
                                                 no_progress, None, predictor):
             mask = refined_mask(prob, self.dataset, index, seg.self_training_refine, seg.threshold)
             per_image.append(dice(mask, self.truths[index]))
+            unrefined.append(dice(prob >= seg.threshold, self.truths[index]))
         score = float(np.mean(per_image))
         gained = score > self.best
-        self.history.append({"labels": f"round {round_index}", "dice": score, "gained": gained})
+        # The U-Net's own masks there too (no refinement): recorded, not used, so that a rule on them can be
+        # judged against this one across runs.
+        self.history.append({"labels": f"round {round_index}", "dice": score, "gained": gained,
+                             "unet_dice": float(np.mean(unrefined))})
         log.info("select: round %d's labels %.3f on the labelled images against %.3f: %s", round_index, score,
                  self.best, "another round" if gained else f"round {round_index} is the last")
         self.best = max(self.best, score)
