@@ -134,6 +134,35 @@ def test_select_picks_the_truly_best_producer_and_the_run_uses_it(tmp_path, squa
     assert "select" in skipped and "unet_masks" in skipped  # the U-Net's masks are not predicted again
 
 
+def test_rounds_by_unet_holds_the_labelled_images_out_and_keeps_the_best_rounds_unet(tmp_path, squares):
+    import torch
+
+    from wsseg.pipeline.candidates import labelled_sample
+
+    out = tmp_path / "run"
+    assert main(["recipe", "run", "demo", "--out", str(out), *_overrides(squares), "select.rounds_by=unet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    steps = metrics["select"]["rounds"][1:]
+    assert [s["unet"] for s in steps] == [f"round {k}" for k in range(len(steps))] and 1 <= len(steps) <= 3
+    # Rounds go on while each U-Net beats the earlier ones; the best is the run's.
+    assert all(s["gained"] for s in steps[:-1]) and (not steps[-1]["gained"] or len(steps) == 3)
+    best = max(range(len(steps)), key=lambda k: (steps[k]["dice"], -k))
+    assert metrics["select"]["self_training_rounds"] == best
+    run_unet = torch.load(out / "checkpoints" / "unet.pth", map_location="cpu", weights_only=False)["state_dict"]
+    best_unet = torch.load(out / "checkpoints" / f"unet_round{best}.pth", map_location="cpu",
+                           weights_only=False)["state_dict"]
+    assert all(torch.equal(run_unet[k], best_unet[k]) for k in best_unet)
+    best_masks = out / "masks" / f"unet_round{best}"
+    assert sorted(p.name for p in (out / "masks" / "unet").iterdir()) == sorted(p.name for p in best_masks.iterdir())
+    assert all((out / "masks" / "unet" / p.name).read_bytes() == p.read_bytes() for p in best_masks.iterdir())
+    assert metrics["unet"]["dice"] == pytest.approx(metrics[f"unet_round{best}"]["dice"])
+    # The U-Nets learnt from the twelve training images but the five labelled ones.
+    labelled = {r.stem for r in labelled_sample(Squares(squares, "train"), 5, 0).records}
+    learnt_from = {p.stem for p in (out / "train_masks").glob("*/*.png")}
+    assert len(labelled) == 5 and learnt_from and not learnt_from & labelled
+    assert "held-out labelled images" in (out / "report.md").read_text()
+
+
 def test_every_method_maps_the_evaluation_images_when_asked(tmp_path, squares):
     out = tmp_path / "run"
     overrides = _overrides(squares) + ["select.evaluate_all_methods=true", "segment=null"]

@@ -47,6 +47,11 @@ def select_lines(select, top: int = 15) -> List[str]:
                      f"{select['choice_unseen_estimate']:.4f} (the winner's {select['choice']['dice']:.4f} is optimistic: "
                      f"it is the best of {len(select['candidates'])} on the same images)")
     for step in select.get("rounds", [])[1:]:
+        if "unet" in step:  # rounds_by: unet
+            verdict = "the best so far" if step["gained"] else "no gain: the best earlier U-Net is the run's"
+            lines.append(f"\n{step['unet']}'s U-Net: Dice {step['dice']:.4f} on the held-out labelled images"
+                         f" ({verdict})")
+            continue
         unet = f"; the U-Net's own masks {step['unet_dice']:.4f}" if "unet_dice" in step else ""
         lines.append(f"\n{step['labels']}'s labels: Dice {step['dice']:.4f} on the labelled images{unet}"
                      f" ({'gained: another round' if step['gained'] else 'no gain: the last round'})")

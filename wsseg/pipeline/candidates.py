@@ -83,6 +83,21 @@ def labelled_sample(dataset: SegmentationDataset, n_images: int, seed: int) -> S
     return view
 
 
+def without_images(dataset: SegmentationDataset, held: SegmentationDataset) -> SegmentationDataset:
+    """A view of `dataset` without the images of `held` (the same file, or the same stem for images without
+    one): the labelled images kept out of the U-Net's training, so that scoring a U-Net on them tells how it
+    does on images it has not learnt from."""
+    from wsseg.data.base import ConcatDataset
+
+    held_keys = {str(r.image_path) if r.image_path is not None else r.stem for r in held.records}
+    if isinstance(dataset, ConcatDataset):
+        return ConcatDataset([without_images(part, held) for part in dataset.parts])
+    view = copy.copy(dataset)
+    view.records = [r for r in dataset.records
+                    if (str(r.image_path) if r.image_path is not None else r.stem) not in held_keys]
+    return view
+
+
 def labelled_set(context: RunContext) -> Tuple[SegmentationDataset, List[np.ndarray]]:
     """The `select` images of a run and their masks: what the producers and the rounds are scored on."""
     sel = context.config.select

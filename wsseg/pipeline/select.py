@@ -145,12 +145,41 @@ class RoundChooser:
     def __init__(self, context: RunContext):
         self.context = context
         self.dataset, self.truths = labelled_set(context)
+        self.by_unet = context.config.select.rounds_by == "unet"
         selected = context.metrics.get("select", {}).get("choice", {})
         self.best = float(selected.get("dice", 0.0))
         self.history = [{"labels": "pseudo-masks", "dice": self.best}]
+        self.best_unet, self.best_round = -1.0, 0
         context.metrics.setdefault("select", {})["rounds"] = self.history
 
+    def held_out(self, train_set):
+        """The U-Net's training images; with `rounds_by: unet`, without the labelled ones."""
+        from wsseg.pipeline.candidates import without_images
+
+        return without_images(train_set, self.dataset) if self.by_unet else train_set
+
+    def unet_gains(self, model, meta, round_index: int, predictor) -> bool:
+        """`rounds_by: unet`: whether round `round_index`'s U-Net, predicting as `meta` says, beats every
+        earlier round's on the labelled images (held out of its training)."""
+        from wsseg.stages.segment import _image_probabilities
+        from wsseg.progress import no_progress
+
+        seg = self.context.config.segment
+        per_image = [dice(prob >= meta.threshold, self.truths[index])
+                     for index, prob in _image_probabilities(model, meta, self.dataset, self.context.device,
+                                                             seg.batch_size, no_progress, None, predictor)]
+        score = float(np.mean(per_image))
+        gained = score > self.best_unet
+        self.history.append({"unet": f"round {round_index}", "dice": score, "gained": gained})
+        log.info("select: round %d's U-Net %.3f on the held-out labelled images against %.3f: %s", round_index,
+                 score, max(self.best_unet, 0.0), "another round" if gained else f"round {self.best_round}'s U-Net is the run's")
+        if gained:
+            self.best_unet, self.best_round = score, round_index
+        self.context.metrics["select"]["self_training_rounds"] = self.best_round
+        return gained
+
     def labels_gain(self, model, meta, round_index: int, predictor) -> bool:
+        """`rounds_by: labels`: whether round `round_index`'s refined predictions gain on the labels before."""
         from wsseg.stages.segment import _image_probabilities
         from wsseg.stages.unet_labels import refined_mask
         from wsseg.progress import no_progress

@@ -3,7 +3,8 @@ rounds, each trained on the previous U-Net's confident, refined predictions of t
 
 Round k is keyed on everything it learns from, and recorded as `unet_round<k>` whether or not it is the
 last: adding a round to a finished run reuses the U-Nets it already has. The last round's U-Net is
-published as `checkpoints/unet.pth`, with how it predicts in `unet.predict.json` beside it.
+published as `checkpoints/unet.pth`, with how it predicts in `unet.predict.json` beside it; with
+`select.rounds_by: unet` the best round's U-Net (on the held-out labelled images) is, and its masks are `masks/unet`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ class SegmentStage(Stage):
                             for m in rule.maps_needed}
             # The maps' own digests: a change of size, TTA or fit set must retrain the U-Net, not just remap.
             upstream = rule_digest(context, rule, seg.train)
+        chooser = rounds_chooser(context)
+        if chooser is not None and chooser.by_unet:  # the rounds are judged on images the U-Nets never saw
+            train_set = chooser.held_out(train_set)
+            upstream = fingerprint(upstream, "without", sorted(r.stem for r in chooser.dataset.records))
+            log.info("select.rounds_by=unet: %d labelled images kept out of the U-Net's training (%d left)",
+                     len(chooser.dataset), len(train_set))
         labels = pseudo_mask_source(train_set, rule, map_dirs, seg.ignore_band,
                                     cache_dir=None if rule is None else
                                     context.layout.labels(seg.masks, fingerprint(upstream, seg.ignore_band)))
@@ -60,13 +67,20 @@ class SegmentStage(Stage):
         if seg.encoder_weights == CLASSIFIER_WEIGHTS:
             seg = replace(seg, encoder_weights=str(context.classifier_checkpoint))
             encoder_from = context.classifier_fingerprint
-        checkpoint = None
-        chooser = rounds_chooser(context)
+        checkpoint, checkpoints = None, []
         for round_index in range(seg.self_training_rounds + 1):
             checkpoint, labels, upstream = self.round(context, seg, train_set, round_index, labels, upstream,
                                                       encoder_from, checkpoint, corrections, chooser)
-            if labels is None:  # the last round: the rounds' labels stopped gaining on the labelled images
+            checkpoints.append(checkpoint)
+            if labels is None:  # the last round: its labels (or its U-Net) stopped gaining on the labelled images
                 break
+        if chooser is not None and chooser.by_unet:  # the best round's U-Net and masks are the run's
+            checkpoint = checkpoints[chooser.best_round]
+            best_masks = context.layout.masks(f"unet_round{chooser.best_round}")
+            if dist.is_main():
+                shutil.rmtree(context.layout.masks("unet"), ignore_errors=True)
+                shutil.copytree(best_masks, context.layout.masks("unet"))
+            context.mask_dirs["unet"] = context.layout.masks("unet")
         if dist.is_main():
             publish(checkpoint, context.layout.unet)
         dist.barrier()
@@ -85,7 +99,8 @@ class SegmentStage(Stage):
         config, layout = context.config, context.layout
         rounds = seg.self_training_rounds
         last = round_index == rounds
-        name = "unet" if last else f"unet_round{round_index}"
+        by_unet = chooser is not None and chooser.by_unet
+        name = "unet" if last and not by_unet else f"unet_round{round_index}"
         key = f"unet_round{round_index}"
         probabilities_predict = label_prediction(config.segment)
         digest = fingerprint(round_inputs(config.segment, round_index), config.backbone, config.seed, upstream,
@@ -107,10 +122,12 @@ class SegmentStage(Stage):
             model = model.to(context.device)
             with Predictors(model, context.device, seg.inference_backend, train_set) as predictors:
                 label_meta = with_prediction(replace(meta, threshold=seg.threshold), probabilities_predict)
-                if not last and chooser is not None and not chooser.labels_gain(model, label_meta, round_index,
-                                                                                predictors.get(label_meta)):
+                if not last and chooser is not None and not by_unet and \
+                        not chooser.labels_gain(model, label_meta, round_index, predictors.get(label_meta)):
                     last, name = True, "unet"
                 meta = predicting_as_configured(context, name, model, meta, predictors)
+                if by_unet and not chooser.unet_gains(model, meta, round_index, predictors.get(meta)):
+                    last = True
                 if dist.is_main():
                     save_prediction_settings(checkpoint, meta)
                 context.mask_dirs[name] = layout.masks(name)
