@@ -180,6 +180,7 @@ def test_what_is_mapped_after_the_choice_does_not_key_the_choice():
 
     # Runs recorded before the option existed keep their select stage.
     assert fingerprint(SelectConfig()) == fingerprint(replace(SelectConfig(), evaluate_all_methods=True))
+    assert fingerprint(SelectConfig()) == fingerprint(replace(SelectConfig(), rounds_by="unet"))
     assert fingerprint(SelectConfig()) != fingerprint(replace(SelectConfig(), n_images=20))
 
 

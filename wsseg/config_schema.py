@@ -302,8 +302,9 @@ class SelectConfig:
     # true maps and scores every method of maps.methods there too, a table row each at the chosen size and TTA
     # (on Oxford-IIIT Pet those rows were 19 of pets_auto's 68 min).
     evaluate_all_methods: bool = False
-    # What is mapped after the choice, not what is chosen: the select stage's cache is not keyed on it.
-    NOT_FINGERPRINTED: ClassVar[Tuple[str, ...]] = ("evaluate_all_methods",)
+    # What is mapped or trained after the choice, not what is chosen: the select stage's cache is not keyed on
+    # them (the U-Nets of `rounds_by: unet` are keyed on the images they leave out).
+    NOT_FINGERPRINTED: ClassVar[Tuple[str, ...]] = ("evaluate_all_methods", "rounds_by")
 
 
 @dataclass
