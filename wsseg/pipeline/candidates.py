@@ -89,12 +89,14 @@ def without_images(dataset: SegmentationDataset, held: SegmentationDataset) -> S
     does on images it has not learnt from."""
     from wsseg.data.base import ConcatDataset
 
-    held_keys = {str(r.image_path) if r.image_path is not None else r.stem for r in held.records}
+    def identity(record):
+        return str(record.image_path) if record.image_path is not None else record.stem
+
     if isinstance(dataset, ConcatDataset):
         return ConcatDataset([without_images(part, held) for part in dataset.parts])
+    held_keys = {identity(r) for r in held.records}
     view = copy.copy(dataset)
-    view.records = [r for r in dataset.records
-                    if (str(r.image_path) if r.image_path is not None else r.stem) not in held_keys]
+    view.records = [r for r in dataset.records if identity(r) not in held_keys]
     return view
 
 

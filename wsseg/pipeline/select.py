@@ -153,21 +153,24 @@ class RoundChooser:
         context.metrics.setdefault("select", {})["rounds"] = self.history
 
     def held_out(self, train_set):
-        """The U-Net's training images; with `rounds_by: unet`, without the labelled ones."""
+        """`rounds_by: unet`: the U-Net's training images without the labelled ones."""
         from wsseg.pipeline.candidates import without_images
 
-        return without_images(train_set, self.dataset) if self.by_unet else train_set
+        return without_images(train_set, self.dataset)
+
+    def _probabilities(self, model, meta, predictor):
+        """(index, probability at the image's size) of each labelled image, the U-Net predicting as `meta` says."""
+        from wsseg.progress import no_progress
+        from wsseg.stages.segment import _image_probabilities
+
+        return _image_probabilities(model, meta, self.dataset, self.context.device,
+                                    self.context.config.segment.batch_size, no_progress, None, predictor)
 
     def unet_gains(self, model, meta, round_index: int, predictor) -> bool:
         """`rounds_by: unet`: whether round `round_index`'s U-Net, predicting as `meta` says, beats every
         earlier round's on the labelled images (held out of its training)."""
-        from wsseg.stages.segment import _image_probabilities
-        from wsseg.progress import no_progress
-
-        seg = self.context.config.segment
         per_image = [dice(prob >= meta.threshold, self.truths[index])
-                     for index, prob in _image_probabilities(model, meta, self.dataset, self.context.device,
-                                                             seg.batch_size, no_progress, None, predictor)]
+                     for index, prob in self._probabilities(model, meta, predictor)]
         score = float(np.mean(per_image))
         gained = score > self.best_unet
         self.history.append({"unet": f"round {round_index}", "dice": score, "gained": gained})
@@ -180,14 +183,11 @@ class RoundChooser:
 
     def labels_gain(self, model, meta, round_index: int, predictor) -> bool:
         """`rounds_by: labels`: whether round `round_index`'s refined predictions gain on the labels before."""
-        from wsseg.stages.segment import _image_probabilities
         from wsseg.stages.unet_labels import refined_mask
-        from wsseg.progress import no_progress
 
         seg = self.context.config.segment
         per_image, unrefined = [], []
-        for index, prob in _image_probabilities(model, meta, self.dataset, self.context.device, seg.batch_size,
-                                                no_progress, None, predictor):
+        for index, prob in self._probabilities(model, meta, predictor):
             mask = refined_mask(prob, self.dataset, index, seg.self_training_refine, seg.threshold)
             per_image.append(dice(mask, self.truths[index]))
             unrefined.append(dice(prob >= seg.threshold, self.truths[index]))
