@@ -127,6 +127,10 @@ def test_select_picks_the_truly_best_producer_and_the_run_uses_it(tmp_path, squa
     assert metrics["select"]["self_training_rounds"] == 0 and len(metrics["select"]["rounds"]) == 2
     assert metrics["select"]["rounds"][1]["gained"] is False
     assert 0 <= metrics["select"]["rounds"][1]["unet_dice"] <= 1 and "the U-Net's own masks" in report
+    # Per-image scores behind each mean, so that other round rules can be judged on finished runs.
+    for step in metrics["select"]["rounds"]:
+        assert len(step["per_image"]) == 5 and np.mean(step["per_image"]) == pytest.approx(step["dice"])
+    assert np.mean(metrics["select"]["rounds"][1]["unet_per_image"]) == pytest.approx(metrics["select"]["rounds"][1]["unet_dice"])
     assert not (out / "stages" / "unet_round1.json").exists() and (out / "masks" / "unet").is_dir()
     # Resumed: the choice comes from the cache.
     assert main(["recipe", "run", "--resume", str(out)]) == 0
@@ -148,6 +152,7 @@ def test_rounds_by_unet_holds_the_labelled_images_out_and_keeps_the_best_rounds_
     assert all(s["gained"] for s in steps[:-1]) and (not steps[-1]["gained"] or len(steps) == 3)
     best = max(range(len(steps)), key=lambda k: (steps[k]["dice"], -k))
     assert metrics["select"]["self_training_rounds"] == best
+    assert all(len(s["per_image"]) == 5 and np.mean(s["per_image"]) == pytest.approx(s["dice"]) for s in steps)
     run_unet = torch.load(out / "checkpoints" / "unet.pth", map_location="cpu", weights_only=False)["state_dict"]
     best_unet = torch.load(out / "checkpoints" / f"unet_round{best}.pth", map_location="cpu",
                            weights_only=False)["state_dict"]

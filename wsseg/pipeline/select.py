@@ -148,7 +148,10 @@ class RoundChooser:
         self.by_unet = context.config.select.rounds_by == "unet"
         selected = context.metrics.get("select", {}).get("choice", {})
         self.best = float(selected.get("dice", 0.0))
-        self.history = [{"labels": "pseudo-masks", "dice": self.best}]
+        # Per-image scores are kept so that a rule other than "the mean gained" (a paired test, a margin) can be
+        # judged on finished runs.
+        self.history = [{"labels": "pseudo-masks", "dice": self.best,
+                         "per_image": [float(v) for v in selected.get("per_image", [])]}]
         self.best_unet, self.best_round = -1.0, 0
         context.metrics.setdefault("select", {})["rounds"] = self.history
 
@@ -173,7 +176,8 @@ class RoundChooser:
                      for index, prob in self._probabilities(model, meta, predictor)]
         score = float(np.mean(per_image))
         gained = score > self.best_unet
-        self.history.append({"unet": f"round {round_index}", "dice": score, "gained": gained})
+        self.history.append({"unet": f"round {round_index}", "dice": score, "gained": gained,
+                             "per_image": [float(v) for v in per_image]})
         log.info("select: round %d's U-Net %.3f on the held-out labelled images against %.3f: %s", round_index,
                  score, max(self.best_unet, 0.0), "another round" if gained else f"round {self.best_round}'s U-Net is the run's")
         if gained:
@@ -196,7 +200,8 @@ class RoundChooser:
         # The U-Net's own masks there too (no refinement): recorded, not used, so that a rule on them can be
         # judged against this one across runs.
         self.history.append({"labels": f"round {round_index}", "dice": score, "gained": gained,
-                             "unet_dice": float(np.mean(unrefined))})
+                             "unet_dice": float(np.mean(unrefined)), "per_image": [float(v) for v in per_image],
+                             "unet_per_image": [float(v) for v in unrefined]})
         log.info("select: round %d's labels %.3f on the labelled images against %.3f: %s", round_index, score,
                  self.best, "another round" if gained else f"round {round_index} is the last")
         self.best = max(self.best, score)
