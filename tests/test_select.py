@@ -144,7 +144,8 @@ def test_rounds_by_unet_holds_the_labelled_images_out_and_keeps_the_best_rounds_
     from wsseg.pipeline.candidates import labelled_sample
 
     out = tmp_path / "run"
-    assert main(["recipe", "run", "demo", "--out", str(out), *_overrides(squares), "select.rounds_by=unet"]) == 0
+    assert main(["recipe", "run", "demo", "--out", str(out), *_overrides(squares), "select.rounds_by=unet",
+                 "segment.self_training_refine=[{name: largest_component}]"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     steps = metrics["select"]["rounds"][1:]
     assert [s["unet"] for s in steps] == [f"round {k}" for k in range(len(steps))] and 1 <= len(steps) <= 3
@@ -153,6 +154,10 @@ def test_rounds_by_unet_holds_the_labelled_images_out_and_keeps_the_best_rounds_
     best = max(range(len(steps)), key=lambda k: (steps[k]["dice"], -k))
     assert metrics["select"]["self_training_rounds"] == best
     assert all(len(s["per_image"]) == 5 and np.mean(s["per_image"]) == pytest.approx(s["dice"]) for s in steps)
+    # The refined predictions (the next round's labels) are scored on the held-out images too.
+    assert all(len(s["labels_per_image"]) == 5 and np.mean(s["labels_per_image"]) == pytest.approx(s["labels_dice"])
+               and 0 <= s["unet_at_labels_threshold"] <= 1 for s in steps)
+    assert "its refined predictions (the next round's labels)" in (out / "report.md").read_text()
     run_unet = torch.load(out / "checkpoints" / "unet.pth", map_location="cpu", weights_only=False)["state_dict"]
     best_unet = torch.load(out / "checkpoints" / f"unet_round{best}.pth", map_location="cpu",
                            weights_only=False)["state_dict"]

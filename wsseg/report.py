@@ -49,8 +49,10 @@ def select_lines(select, top: int = 15) -> List[str]:
     for step in select.get("rounds", [])[1:]:
         if "unet" in step:  # rounds_by: unet
             verdict = "the best so far" if step["gained"] else "no gain: the best earlier U-Net is the run's"
+            labels = (f"; its refined predictions (the next round's labels) {step['labels_dice']:.4f}"
+                      if "labels_dice" in step else "")
             lines.append(f"\n{step['unet']}'s U-Net: Dice {step['dice']:.4f} on the held-out labelled images"
-                         f" ({verdict})")
+                         f"{labels} ({verdict})")
             continue
         unet = f"; the U-Net's own masks {step['unet_dice']:.4f}" if "unet_dice" in step else ""
         lines.append(f"\n{step['labels']}'s labels: Dice {step['dice']:.4f} on the labelled images{unet}"

@@ -169,15 +169,35 @@ class RoundChooser:
         return _image_probabilities(model, meta, self.dataset, self.context.device,
                                     self.context.config.segment.batch_size, no_progress, None, predictor)
 
-    def unet_gains(self, model, meta, round_index: int, predictor) -> bool:
+    def _label_scores(self, model, label_meta, predictor):
+        """Per-image Dice on the labelled images of the round U-Net's refined predictions (the next round's labels)
+        and of its own masks at the labels' threshold."""
+        from wsseg.stages.unet_labels import refined_mask
+
+        seg = self.context.config.segment
+        refined, own = [], []
+        for index, prob in self._probabilities(model, label_meta, predictor):
+            refined.append(dice(refined_mask(prob, self.dataset, index, seg.self_training_refine, seg.threshold),
+                                self.truths[index]))
+            own.append(dice(prob >= seg.threshold, self.truths[index]))
+        return refined, own
+
+    def unet_gains(self, model, meta, round_index: int, predictor, label_meta=None, label_predictor=None) -> bool:
         """`rounds_by: unet`: whether round `round_index`'s U-Net, predicting as `meta` says, beats every
-        earlier round's on the labelled images (held out of its training)."""
+        earlier round's on the labelled images (held out of its training). With `label_meta`, the refined
+        predictions that would be the next round's labels are scored there too (recorded, not used: on held-out
+        images they tell whether the refinement adds to what the U-Net already predicts)."""
         per_image = [dice(prob >= meta.threshold, self.truths[index])
                      for index, prob in self._probabilities(model, meta, predictor)]
         score = float(np.mean(per_image))
         gained = score > self.best_unet
-        self.history.append({"unet": f"round {round_index}", "dice": score, "gained": gained,
-                             "per_image": [float(v) for v in per_image]})
+        step = {"unet": f"round {round_index}", "dice": score, "gained": gained,
+                "per_image": [float(v) for v in per_image]}
+        if label_meta is not None:
+            refined, own = self._label_scores(model, label_meta, label_predictor)
+            step.update(labels_dice=float(np.mean(refined)), labels_per_image=[float(v) for v in refined],
+                        unet_at_labels_threshold=float(np.mean(own)))
+        self.history.append(step)
         log.info("select: round %d's U-Net %.3f on the held-out labelled images against %.3f: %s", round_index,
                  score, max(self.best_unet, 0.0), "another round" if gained else f"round {self.best_round}'s U-Net is the run's")
         if gained:
@@ -187,14 +207,7 @@ class RoundChooser:
 
     def labels_gain(self, model, meta, round_index: int, predictor) -> bool:
         """`rounds_by: labels`: whether round `round_index`'s refined predictions gain on the labels before."""
-        from wsseg.stages.unet_labels import refined_mask
-
-        seg = self.context.config.segment
-        per_image, unrefined = [], []
-        for index, prob in self._probabilities(model, meta, predictor):
-            mask = refined_mask(prob, self.dataset, index, seg.self_training_refine, seg.threshold)
-            per_image.append(dice(mask, self.truths[index]))
-            unrefined.append(dice(prob >= seg.threshold, self.truths[index]))
+        per_image, unrefined = self._label_scores(model, meta, predictor)
         score = float(np.mean(per_image))
         gained = score > self.best
         # The U-Net's own masks there too (no refinement): recorded, not used, so that a rule on them can be

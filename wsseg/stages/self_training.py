@@ -126,7 +126,9 @@ class SegmentStage(Stage):
                         not chooser.labels_gain(model, label_meta, round_index, predictors.get(label_meta)):
                     last, name = True, "unet"
                 meta = predicting_as_configured(context, name, model, meta, predictors)
-                if by_unet and not chooser.unet_gains(model, meta, round_index, predictors.get(meta)):
+                if by_unet and not chooser.unet_gains(model, meta, round_index, predictors.get(meta),
+                                                      label_meta if seg.self_training_refine else None,
+                                                      predictors.get(label_meta)):
                     last = True
                 if dist.is_main():
                     save_prediction_settings(checkpoint, meta)
