@@ -65,6 +65,29 @@ def test_bench_corrections_retrains_the_unet_on_the_chosen_real_masks(tmp_path, 
     again = json.loads((bench / "corrections.json").read_text())["points"]
     assert [p["dice"] for p in again] == [p["dice"] for p in points]
     assert {p: p.stat().st_mtime_ns for p in written} == written
+    # Repeats: repeat 0 is the points above (from the cache), repeat 1 trains each point again with the next
+    # U-Net seed and draws other random images.
+    capsys.readouterr()
+    assert main(["bench", "corrections", str(run), "--fractions", "0", "0.5", "--choose", "random", "--repeats", "2",
+                 "--out", str(bench)]) == 0
+    assert "(mean of 2 trainings, range)" in " ".join(capsys.readouterr().out.split())  # rich may wrap the title
+    data = json.loads((bench / "corrections.json").read_text())
+    repeated = {(p["choose"], p["repeat"]): p for p in data["points"]}
+    assert sorted(repeated) == [("none", 0), ("none", 1), ("random", 0), ("random", 1)]
+    assert repeated[("random", 0)]["dice"] == points[2]["dice"]
+    assert _digest(bench / "none-r1" / "checkpoints" / "unet.pth") != unet_before
+    # Only the U-Net's seed changed: every stage before it came from the run's cache.
+    skipped = json.loads((bench / "none-r1" / "metrics.json").read_text())["resumed_skipped_stages"]
+    assert {"classifier", "maps_gradcam", "maps_train_gradcam"} <= set(skipped) and "unet_round0" not in skipped
+    draws = [sorted(f.name for f in (bench / "masks" / name).glob("*.png")) for name in ("random-0.5", "random-0.5-r1")]
+    assert len(draws[1]) == 8 and draws[0] != draws[1]
+    summary = {r["choose"]: r for r in data["summary"]}
+    for choose in ("none", "random"):
+        dices = [repeated[(choose, r)]["dice"] for r in (0, 1)]
+        assert summary[choose]["repeats"] == 2 and summary[choose]["dice"] == pytest.approx(np.mean(dices))
+        assert (summary[choose]["dice_low"], summary[choose]["dice_high"]) == (min(dices), max(dices))
+    assert main(["bench", "corrections", str(run), "--repeats", "0", "--out", str(bench)]) != 0
+    assert "--repeats must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_the_supervised_reference_is_a_run_folder_or_a_recorded_dice(tmp_path):

@@ -209,11 +209,15 @@ class SegmentConfig:
     channels_last: bool = False
     # bf16 autocast while training on CPU (CpuAmp above); predictions stay fp32.
     cpu_amp: CpuAmp = "off"
+    # The U-Net's training seed (None: the recipe's `seed`, which also draws the labelled images and trains the
+    # stages before): the same U-Net on the same labels, another draw of crops and batches (repeats of a
+    # `wsseg bench corrections` point).
+    seed: Optional[int] = None
 
     #: Left out of this section's fingerprints (wsseg.pipeline.executor): added where it matters instead.
     NOT_FINGERPRINTED: ClassVar[Tuple[str, ...]] = ("inference_backend",)
     #: Options added after run folders existed: in a fingerprint only when set, so those folders stay valid.
-    FINGERPRINTED_WHEN_SET: ClassVar[Tuple[str, ...]] = ("decoder_channels", "channels_last", "cpu_amp")
+    FINGERPRINTED_WHEN_SET: ClassVar[Tuple[str, ...]] = ("decoder_channels", "channels_last", "cpu_amp", "seed")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 
 from wsseg.config import load_recipe
 from wsseg.config_schema import RecipeConfig
@@ -43,6 +44,18 @@ class CorrectionPoint:
     dice: float
     iou: float
     run_dir: str
+    repeat: int = 0  # repeat r trains with the U-Net seed `seed + r` (and draws the random images with it)
+
+
+def summarise(points: Sequence[CorrectionPoint]) -> List[Dict]:
+    """One row per (choice, share): mean Dice and IoU over the repeats, with the Dice range."""
+    groups: Dict = {}
+    for p in points:
+        groups.setdefault((p.choose, p.fraction, p.n_corrected), []).append(p)
+    return [{"choose": choose, "fraction": fraction, "n_corrected": count, "repeats": len(group),
+             "dice": float(np.mean([p.dice for p in group])), "dice_low": min(p.dice for p in group),
+             "dice_high": max(p.dice for p in group), "iou": float(np.mean([p.iou for p in group]))}
+            for (choose, fraction, count), group in groups.items()]
 
 
 def train_label_confidence(config: RecipeConfig, point_dir: Path, data_root=None,
@@ -127,9 +140,11 @@ def link_run(source: Path, target: Path) -> None:
 
 def bench_corrections(run_dir: Path, fractions: Sequence[float], choices: Sequence[str] = CHOICES,
                       out_dir: Optional[Path] = None, overrides: Sequence[str] = (), data_root=None, seed: int = 0,
-                      progress: ProgressFn = no_progress) -> List[CorrectionPoint]:
+                      progress: ProgressFn = no_progress, repeats: int = 1) -> List[CorrectionPoint]:
     """Val Dice of the recipe's U-Net for each share of corrected training masks and way of choosing them.
-    `overrides` (key=value) apply to every point, e.g. `segment.self_training_rounds=0` for a cheaper curve."""
+    `overrides` (key=value) apply to every point, e.g. `segment.self_training_rounds=0` for a cheaper curve.
+    With `repeats` > 1 every point is trained again with other U-Net seeds (and other random draws), so that a
+    difference between points can be read against what retraining alone moves."""
     from wsseg.runner import run_recipe
 
     run_dir = Path(run_dir)
@@ -141,6 +156,8 @@ def bench_corrections(run_dir: Path, fractions: Sequence[float], choices: Sequen
         raise WssegError(f"bench corrections: the recipe of {run_dir} trains no U-Net (no segment section)")
     if config.segment.masks == "ground_truth":
         raise WssegError(f"bench corrections: {run_dir} trained on the real masks already")
+    if repeats < 1:
+        raise WssegError(f"bench corrections: --repeats must be at least 1, got {repeats}")
     bad = [f for f in fractions if not 0 <= f <= 1]
     if bad:
         raise WssegError(f"bench corrections: fractions must lie in [0, 1], got {bad}")
@@ -160,27 +177,30 @@ def bench_corrections(run_dir: Path, fractions: Sequence[float], choices: Sequen
         write_json(confidence_file, confidence)
     stems = [r.stem for r in train_set.records]
     points = []
-    for choose in choices:
-        for fraction in fractions:
-            count = int(round(fraction * len(stems)))
-            if count == 0 and choose != choices[0]:
-                continue  # nothing corrected: the same point whatever the choice
-            name = "none" if count == 0 else f"{choose}-{fraction:g}"
-            point_dir = out_dir / name
-            point = replace(config, export=None)
-            if count:
-                chosen = choose_images(stems, count, choose, confidence, seed)
-                folder = write_corrections(train_set, chosen, out_dir / "masks" / name)
-                point = replace(point, segment=replace(point.segment, corrected_masks=str(folder)))
-            if point_dir != baseline:  # the baseline was linked before the confidence was read from it
-                point_dir.mkdir(parents=True, exist_ok=True)
-                link_run(run_dir, point_dir)
-            log.info("bench corrections: %s (%d of %d training masks corrected)", name, count, len(stems))
-            result = run_recipe(point, point_dir, data_root, progress, resume=True)
-            unet = result.metrics.get("unet", {})
-            points.append(CorrectionPoint("none" if count == 0 else choose, fraction, count,
-                                          float(unet.get("dice", float("nan"))), float(unet.get("iou", float("nan"))),
-                                          str(point_dir)))
+    for repeat in range(repeats):
+        for choose in choices:
+            for fraction in fractions:
+                count = int(round(fraction * len(stems)))
+                if count == 0 and choose != choices[0]:
+                    continue  # nothing corrected: the same point whatever the choice
+                name = ("none" if count == 0 else f"{choose}-{fraction:g}") + (f"-r{repeat}" if repeat else "")
+                point_dir = out_dir / name
+                point = replace(config, export=None)
+                if repeat:  # repeat 0 is the run's own U-Net seed: its uncorrected point is the run's U-Net
+                    point = replace(point, segment=replace(point.segment, seed=config.seed + repeat))
+                if count:
+                    chosen = choose_images(stems, count, choose, confidence, seed + repeat)
+                    folder = write_corrections(train_set, chosen, out_dir / "masks" / name)
+                    point = replace(point, segment=replace(point.segment, corrected_masks=str(folder)))
+                if point_dir != baseline:  # the baseline was linked before the confidence was read from it
+                    point_dir.mkdir(parents=True, exist_ok=True)
+                    link_run(run_dir, point_dir)
+                log.info("bench corrections: %s (%d of %d training masks corrected)", name, count, len(stems))
+                result = run_recipe(point, point_dir, data_root, progress, resume=True)
+                unet = result.metrics.get("unet", {})
+                points.append(CorrectionPoint("none" if count == 0 else choose, fraction, count,
+                                              float(unet.get("dice", float("nan"))),
+                                              float(unet.get("iou", float("nan"))), str(point_dir), repeat))
     return points
 
 
@@ -194,14 +214,17 @@ def write_curve(points: Sequence[CorrectionPoint], out_dir: Path, supervised: Op
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = {"points": [p.__dict__ for p in points], "supervised_dice": supervised}
-    (out_dir / "corrections.json").write_text(json.dumps(data, indent=2))
+    rows = summarise(points)
+    data = {"points": [p.__dict__ for p in points], "summary": rows, "supervised_dice": supervised}
+    write_json(out_dir / "corrections.json", data)
     fig, ax = plt.subplots(figsize=(6, 4))
-    base = [p for p in points if p.choose == "none"]
+    base = [r for r in rows if r["choose"] == "none"]
     for choose in CHOICES:
-        line = sorted(base + [p for p in points if p.choose == choose], key=lambda p: p.n_corrected)
+        line = sorted(base + [r for r in rows if r["choose"] == choose], key=lambda r: r["n_corrected"])
         if len(line) > len(base):
-            ax.plot([p.n_corrected for p in line], [p.dice for p in line], marker="o", label=f"chosen by {choose}")
+            spread = [[r["dice"] - r["dice_low"] for r in line], [r["dice_high"] - r["dice"] for r in line]]
+            ax.errorbar([r["n_corrected"] for r in line], [r["dice"] for r in line], yerr=spread, marker="o",
+                        capsize=3, label=f"chosen by {choose}")
     if supervised is not None:
         ax.axhline(supervised, color="grey", linestyle="--", label="fully supervised U-Net")
     ax.set_xlabel("hand-corrected training masks")
@@ -215,5 +238,5 @@ def write_curve(points: Sequence[CorrectionPoint], out_dir: Path, supervised: Op
     return {"json": out_dir / "corrections.json", "plot": out_dir / "corrections.png"}
 
 
-__all__ = ["CHOICES", "CorrectionPoint", "bench_corrections", "choose_images", "train_label_confidence",
-           "write_corrections", "write_curve"]
+__all__ = ["CHOICES", "CorrectionPoint", "bench_corrections", "choose_images", "summarise",
+           "train_label_confidence", "write_corrections", "write_curve"]

@@ -151,6 +151,9 @@ def _add_corrections_parser(kinds) -> None:
     corrections.add_argument("--choose", nargs="+", default=["confidence", "random"], choices=["confidence", "random"],
                              help="which images a person corrects: the least confident masks first, or at random")
     corrections.add_argument("--seed", type=int, default=0, help="the random draw")
+    corrections.add_argument("--repeats", type=int, default=1,
+                             help="train every point this many times, repeat r with the U-Net seed recipe seed + r "
+                                  "and the random draw --seed + r; the table gives the mean and range (default 1)")
     corrections.add_argument("--supervised", metavar="RUN_DIR|DICE",
                              help="a run of the same U-Net on the real masks (e.g. polyp_supervised), or its recorded "
                                   "val Dice (e.g. 0.863): drawn as the line to reach")
@@ -310,23 +313,27 @@ def cmd_bench_corrections(args) -> int:
     from rich.table import Table
 
     from wsseg.cli.ui import console, rich_progress, setup_console_logging
-    from wsseg.corrections import bench_corrections, write_curve
+    from wsseg.corrections import bench_corrections, summarise, write_curve
 
     setup_console_logging(False)
     supervised = _supervised_dice(args.supervised)
     out = args.out or args.run / "corrections"
     with rich_progress() as progress:
         points = bench_corrections(args.run, args.fractions, args.choose, out, args.overrides, args.data_root,
-                                   args.seed, progress)
+                                   args.seed, progress, repeats=args.repeats)
     files = write_curve(points, out, supervised, f"{args.run.name}: Dice against hand-corrected masks")
-    table = Table(title="U-Net Dice against hand-corrected training masks")
-    for column in ("chosen by", "share", "masks corrected", "dice", "iou") + (("of supervised",) if supervised else ()):
+    repeated = args.repeats > 1
+    table = Table(title="U-Net Dice against hand-corrected training masks"
+                      + (f" (mean of {args.repeats} trainings, range)" if repeated else ""))
+    columns = ("chosen by", "share", "masks corrected", "dice") + (("range",) if repeated else ()) + ("iou",)
+    for column in columns + (("of supervised",) if supervised else ()):
         table.add_column(column, justify="left" if column == "chosen by" else "right")
-    for p in points:
-        row = [p.choose, f"{p.fraction:.0%}", str(p.n_corrected), f"{p.dice:.3f}", f"{p.iou:.3f}"]
-        table.add_row(*row, *([f"{p.dice / supervised:.0%}"] if supervised else []))
+    for r in summarise(points):
+        row = [r["choose"], f"{r['fraction']:.0%}", str(r["n_corrected"]), f"{r['dice']:.3f}"]
+        row += [f"{r['dice_low']:.3f}-{r['dice_high']:.3f}"] if repeated else []
+        table.add_row(*row, f"{r['iou']:.3f}", *([f"{r['dice'] / supervised:.0%}"] if supervised else []))
     if supervised:
-        table.add_row("fully supervised", "100%", "all", f"{supervised:.3f}", "", "100%")
+        table.add_row("fully supervised", "100%", "all", f"{supervised:.3f}", *([""] if repeated else []), "", "100%")
     console.print(table)
     console.print(f"curve: {files['plot']}, numbers: {files['json']}")
     return 0

@@ -110,7 +110,8 @@ class SegmentStage(Stage):
 
         def train():
             result = train_segmenter(round_config, config.backbone, train_set, labels, layout.checkpoints,
-                                     context.device, config.seed + round_index, context.progress, name=key,
+                                     context.device, (config.seed if seg.seed is None else seg.seed) + round_index,
+                                     context.progress, name=key,
                                      state_tag=digest, start_from=start_from)
             return {"checkpoint": str(result.checkpoint), "metrics": result.metrics}
 
