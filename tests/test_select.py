@@ -138,19 +138,23 @@ def test_select_picks_the_truly_best_producer_and_the_run_uses_it(tmp_path, squa
     assert "select" in skipped and "unet_masks" in skipped  # the U-Net's masks are not predicted again
 
 
-def test_rounds_by_unet_holds_the_labelled_images_out_and_keeps_the_best_rounds_unet(tmp_path, squares):
+@pytest.mark.parametrize("rule", ["unet", "refinement"])
+def test_rounds_judged_on_held_out_labelled_images_keep_the_best_rounds_unet(tmp_path, squares, rule):
     import torch
 
     from wsseg.pipeline.candidates import labelled_sample
 
     out = tmp_path / "run"
-    assert main(["recipe", "run", "demo", "--out", str(out), *_overrides(squares), "select.rounds_by=unet",
+    assert main(["recipe", "run", "demo", "--out", str(out), *_overrides(squares), f"select.rounds_by={rule}",
                  "segment.self_training_refine=[{name: largest_component}]"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     steps = metrics["select"]["rounds"][1:]
     assert [s["unet"] for s in steps] == [f"round {k}" for k in range(len(steps))] and 1 <= len(steps) <= 3
-    # Rounds go on while each U-Net beats the earlier ones; the best is the run's.
-    assert all(s["gained"] for s in steps[:-1]) and (not steps[-1]["gained"] or len(steps) == 3)
+    # unet: rounds go on while each U-Net beats the earlier ones; refinement: while a U-Net's refined
+    # predictions beat its own masks there. Either way the best U-Net is the run's.
+    goes_on = [s["gained"] if rule == "unet" else s["labels_dice"] > s["dice"] for s in steps]
+    assert [s["another_round"] for s in steps] == goes_on
+    assert all(goes_on[:-1]) and (not goes_on[-1] or len(steps) == 3)
     best = max(range(len(steps)), key=lambda k: (steps[k]["dice"], -k))
     assert metrics["select"]["self_training_rounds"] == best
     assert all(len(s["per_image"]) == 5 and np.mean(s["per_image"]) == pytest.approx(s["dice"]) for s in steps)

@@ -299,9 +299,11 @@ class SelectConfig:
     choose_rounds: bool = True
     # What decides the rounds. labels: the rule above. unet: the labelled images are kept out of the U-Net's
     # training, each round's U-Net is scored there as it predicts, rounds go on while the U-Net gains, and the
-    # best round's U-Net is the run's. On Oxford-IIIT Pet the labels gained on the labelled images (which the
+    # best round's U-Net is the run's. refinement: the same images held out and the best U-Net kept, but a round
+    # follows while the round U-Net's refined predictions (the next labels) beat its own masks there: a round can
+    # only teach what the refinement adds. On Oxford-IIIT Pet the labels gained on the labelled images (which the
     # U-Net had trained on) while every round's U-Net lost on the test split (docs/experiments.md).
-    rounds_by: Literal["labels", "unet"] = "labels"
+    rounds_by: Literal["labels", "unet", "refinement"] = "labels"
     # The evaluation images are mapped by the chosen method alone (and by any a recipe's own variant reads);
     # true maps and scores every method of maps.methods there too, a table row each at the chosen size and TTA
     # (on Oxford-IIIT Pet those rows were 19 of pets_auto's 68 min).

@@ -47,8 +47,9 @@ def select_lines(select, top: int = 15) -> List[str]:
                      f"{select['choice_unseen_estimate']:.4f} (the winner's {select['choice']['dice']:.4f} is optimistic: "
                      f"it is the best of {len(select['candidates'])} on the same images)")
     for step in select.get("rounds", [])[1:]:
-        if "unet" in step:  # rounds_by: unet
-            verdict = "the best so far" if step["gained"] else "no gain: the best earlier U-Net is the run's"
+        if "unet" in step:  # rounds_by: unet | refinement
+            verdict = "the best so far" if step["gained"] else "below an earlier round's"
+            verdict += "; another round" if step.get("another_round", step["gained"]) else "; no more rounds"
             labels = (f"; its refined predictions (the next round's labels) {step['labels_dice']:.4f}"
                       if "labels_dice" in step else "")
             lines.append(f"\n{step['unet']}'s U-Net: Dice {step['dice']:.4f} on the held-out labelled images"

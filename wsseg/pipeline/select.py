@@ -145,7 +145,9 @@ class RoundChooser:
     def __init__(self, context: RunContext):
         self.context = context
         self.dataset, self.truths = labelled_set(context)
-        self.by_unet = context.config.select.rounds_by == "unet"
+        self.rule = context.config.select.rounds_by
+        # unet and refinement judge the rounds on labelled images the U-Nets never saw, and keep the best U-Net.
+        self.holds_out = self.rule in ("unet", "refinement")
         selected = context.metrics.get("select", {}).get("choice", {})
         self.best = float(selected.get("dice", 0.0))
         # Per-image scores are kept so that a rule other than "the mean gained" (a paired test, a margin) can be
@@ -156,7 +158,7 @@ class RoundChooser:
         context.metrics.setdefault("select", {})["rounds"] = self.history
 
     def held_out(self, train_set):
-        """`rounds_by: unet`: the U-Net's training images without the labelled ones."""
+        """`rounds_by: unet | refinement`: the U-Net's training images without the labelled ones."""
         from wsseg.pipeline.candidates import without_images
 
         return without_images(train_set, self.dataset)
@@ -182,11 +184,11 @@ class RoundChooser:
             own.append(dice(prob >= seg.threshold, self.truths[index]))
         return refined, own
 
-    def unet_gains(self, model, meta, round_index: int, predictor, label_meta=None, label_predictor=None) -> bool:
-        """`rounds_by: unet`: whether round `round_index`'s U-Net, predicting as `meta` says, beats every
-        earlier round's on the labelled images (held out of its training). With `label_meta`, the refined
-        predictions that would be the next round's labels are scored there too (recorded, not used: on held-out
-        images they tell whether the refinement adds to what the U-Net already predicts)."""
+    def another_round(self, model, meta, round_index: int, predictor, label_meta=None, label_predictor=None) -> bool:
+        """`rounds_by: unet | refinement`: scores round `round_index`'s U-Net, predicting as `meta` says, on the
+        labelled images (held out of its training), and with `label_meta` its refined predictions there (the next
+        round's labels). Whether another round follows: unet, when this U-Net beats every earlier round's;
+        refinement, when its refined predictions beat its own masks. The best U-Net so far is the run's."""
         per_image = [dice(prob >= meta.threshold, self.truths[index])
                      for index, prob in self._probabilities(model, meta, predictor)]
         score = float(np.mean(per_image))
@@ -197,13 +199,21 @@ class RoundChooser:
             refined, own = self._label_scores(model, label_meta, label_predictor)
             step.update(labels_dice=float(np.mean(refined)), labels_per_image=[float(v) for v in refined],
                         unet_at_labels_threshold=float(np.mean(own)))
+        go_on = gained if self.rule == "unet" else step.get("labels_dice", -1.0) > score
+        step["another_round"] = go_on
         self.history.append(step)
-        log.info("select: round %d's U-Net %.3f on the held-out labelled images against %.3f: %s", round_index,
-                 score, max(self.best_unet, 0.0), "another round" if gained else f"round {self.best_round}'s U-Net is the run's")
+        earlier = max(self.best_unet, 0.0)
         if gained:
             self.best_unet, self.best_round = score, round_index
+        verdict = "another round" if go_on else f"no more rounds; round {self.best_round}'s U-Net is the run's"
+        if self.rule == "unet":
+            log.info("select: round %d's U-Net %.3f on the held-out labelled images against %.3f: %s", round_index,
+                     score, earlier, verdict)
+        else:
+            log.info("select: round %d's U-Net %.3f on the held-out labelled images, its refined predictions %.3f: %s",
+                     round_index, score, step.get("labels_dice", float("nan")), verdict)
         self.context.metrics["select"]["self_training_rounds"] = self.best_round
-        return gained
+        return go_on
 
     def labels_gain(self, model, meta, round_index: int, predictor) -> bool:
         """`rounds_by: labels`: whether round `round_index`'s refined predictions gain on the labels before."""

@@ -4,7 +4,8 @@ rounds, each trained on the previous U-Net's confident, refined predictions of t
 Round k is keyed on everything it learns from, and recorded as `unet_round<k>` whether or not it is the
 last: adding a round to a finished run reuses the U-Nets it already has. The last round's U-Net is
 published as `checkpoints/unet.pth`, with how it predicts in `unet.predict.json` beside it; with
-`select.rounds_by: unet` the best round's U-Net (on the held-out labelled images) is, and its masks are `masks/unet`.
+`select.rounds_by: unet` or `refinement` the best round's U-Net (on the held-out labelled images) is, and its masks
+are `masks/unet`.
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ class SegmentStage(Stage):
             # The maps' own digests: a change of size, TTA or fit set must retrain the U-Net, not just remap.
             upstream = rule_digest(context, rule, seg.train)
         chooser = rounds_chooser(context)
-        if chooser is not None and chooser.by_unet:  # the rounds are judged on images the U-Nets never saw
+        if chooser is not None and chooser.holds_out:  # the rounds are judged on images the U-Nets never saw
             train_set = chooser.held_out(train_set)
             upstream = fingerprint(upstream, "without", sorted(r.stem for r in chooser.dataset.records))
-            log.info("select.rounds_by=unet: %d labelled images kept out of the U-Net's training (%d left)",
-                     len(chooser.dataset), len(train_set))
+            log.info("select.rounds_by=%s: %d labelled images kept out of the U-Net's training (%d left)",
+                     chooser.rule, len(chooser.dataset), len(train_set))
         labels = pseudo_mask_source(train_set, rule, map_dirs, seg.ignore_band,
                                     cache_dir=None if rule is None else
                                     context.layout.labels(seg.masks, fingerprint(upstream, seg.ignore_band)))
@@ -74,7 +75,7 @@ class SegmentStage(Stage):
             checkpoints.append(checkpoint)
             if labels is None:  # the last round: its labels (or its U-Net) stopped gaining on the labelled images
                 break
-        if chooser is not None and chooser.by_unet:  # the best round's U-Net and masks are the run's
+        if chooser is not None and chooser.holds_out:  # the best round's U-Net and masks are the run's
             checkpoint = checkpoints[chooser.best_round]
             best_masks = context.layout.masks(f"unet_round{chooser.best_round}")
             if dist.is_main():
@@ -99,8 +100,8 @@ class SegmentStage(Stage):
         config, layout = context.config, context.layout
         rounds = seg.self_training_rounds
         last = round_index == rounds
-        by_unet = chooser is not None and chooser.by_unet
-        name = "unet" if last and not by_unet else f"unet_round{round_index}"
+        holds_out = chooser is not None and chooser.holds_out
+        name = "unet" if last and not holds_out else f"unet_round{round_index}"
         key = f"unet_round{round_index}"
         probabilities_predict = label_prediction(config.segment)
         digest = fingerprint(round_inputs(config.segment, round_index), config.backbone, config.seed, upstream,
@@ -123,13 +124,12 @@ class SegmentStage(Stage):
             model = model.to(context.device)
             with Predictors(model, context.device, seg.inference_backend, train_set) as predictors:
                 label_meta = with_prediction(replace(meta, threshold=seg.threshold), probabilities_predict)
-                if not last and chooser is not None and not by_unet and \
+                if not last and chooser is not None and not holds_out and \
                         not chooser.labels_gain(model, label_meta, round_index, predictors.get(label_meta)):
                     last, name = True, "unet"
                 meta = predicting_as_configured(context, name, model, meta, predictors)
-                if by_unet and not chooser.unet_gains(model, meta, round_index, predictors.get(meta),
-                                                      label_meta if seg.self_training_refine else None,
-                                                      predictors.get(label_meta)):
+                if holds_out and not chooser.another_round(model, meta, round_index, predictors.get(meta),
+                                                           label_meta, predictors.get(label_meta)):
                     last = True
                 if dist.is_main():
                     save_prediction_settings(checkpoint, meta)
