@@ -165,8 +165,9 @@ def test_unet_decoder_widths_and_channels_last_train_the_same_model_and_key_its_
     assert fingerprint(SegmentConfig()) == fingerprint(SegmentConfig(channels_last=False, decoder_channels=None))
     assert fingerprint(SegmentConfig(channels_last=True)) != fingerprint(SegmentConfig())
     assert fingerprint(SegmentConfig(decoder_channels=[128, 64, 32, 16, 16])) != fingerprint(SegmentConfig())
+    assert fingerprint(SegmentConfig(seed=1)) != fingerprint(SegmentConfig())  # another U-Net seed trains again
     old_style = {k: v for k, v in dataclass_fields(SegmentConfig()).items()
-                 if k not in ("decoder_channels", "channels_last", "inference_backend", "cpu_amp")}
+                 if k not in ("decoder_channels", "channels_last", "inference_backend", "cpu_amp", "seed")}
     assert fingerprint(SegmentConfig()) == fingerprint(old_style)  # caches keyed before the options stay valid
 
 
@@ -212,7 +213,7 @@ def test_cpu_bf16_autocast_is_used_only_where_asked_and_keys_each_training_cache
     for stage in ("classifier", "unet"):
         assert losses[stage, "bf16"] != losses[stage, "off"], "bf16 autocast did not reach the training step"
         assert losses[stage, "bf16"] == pytest.approx(losses[stage, "off"], rel=0.05), losses
-    newer_options = {SegmentConfig: ("decoder_channels", "channels_last", "inference_backend"),
+    newer_options = {SegmentConfig: ("decoder_channels", "channels_last", "inference_backend", "seed"),
                      ClassifierConfig: (), CCAMConfig: ()}
     for section, others in newer_options.items():
         assert fingerprint(section(cpu_amp="auto")) != fingerprint(section())
