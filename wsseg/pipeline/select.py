@@ -184,24 +184,22 @@ class RoundChooser:
             own.append(dice(prob >= seg.threshold, self.truths[index]))
         return refined, own
 
-    def another_round(self, model, meta, round_index: int, predictor, label_meta=None, label_predictor=None) -> bool:
+    def another_round(self, model, meta, round_index: int, predictor, label_meta, label_predictor) -> bool:
         """`rounds_by: unet | refinement`: scores round `round_index`'s U-Net, predicting as `meta` says, on the
-        labelled images (held out of its training), and with `label_meta` its refined predictions there (the next
-        round's labels). Whether another round follows: unet, when this U-Net beats every earlier round's;
+        labelled images (held out of its training), and its refined predictions there as `label_meta` makes them
+        (the next round's labels). Whether another round follows: unet, when this U-Net beats every earlier round's;
         refinement, when its refined predictions beat its own masks. The best U-Net so far is the run's."""
         per_image = [dice(prob >= meta.threshold, self.truths[index])
                      for index, prob in self._probabilities(model, meta, predictor)]
         score = float(np.mean(per_image))
         gained = score > self.best_unet
-        step = {"unet": f"round {round_index}", "dice": score, "gained": gained,
-                "per_image": [float(v) for v in per_image]}
-        if label_meta is not None:
-            refined, own = self._label_scores(model, label_meta, label_predictor)
-            step.update(labels_dice=float(np.mean(refined)), labels_per_image=[float(v) for v in refined],
-                        unet_at_labels_threshold=float(np.mean(own)))
-        go_on = gained if self.rule == "unet" else step.get("labels_dice", -1.0) > score
-        step["another_round"] = go_on
-        self.history.append(step)
+        refined, own = self._label_scores(model, label_meta, label_predictor)
+        labels_score = float(np.mean(refined))
+        go_on = gained if self.rule == "unet" else labels_score > score
+        self.history.append({"unet": f"round {round_index}", "dice": score, "gained": gained,
+                             "per_image": [float(v) for v in per_image], "labels_dice": labels_score,
+                             "labels_per_image": [float(v) for v in refined],
+                             "unet_at_labels_threshold": float(np.mean(own)), "another_round": go_on})
         earlier = max(self.best_unet, 0.0)
         if gained:
             self.best_unet, self.best_round = score, round_index
@@ -211,7 +209,7 @@ class RoundChooser:
                      score, earlier, verdict)
         else:
             log.info("select: round %d's U-Net %.3f on the held-out labelled images, its refined predictions %.3f: %s",
-                     round_index, score, step.get("labels_dice", float("nan")), verdict)
+                     round_index, score, labels_score, verdict)
         self.context.metrics["select"]["self_training_rounds"] = self.best_round
         return go_on
 
