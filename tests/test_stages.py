@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import TINY_MODEL
 from wsseg.config_schema import BackboneConfig, CCAMConfig, ClassifierConfig, DatasetConfig
@@ -95,7 +96,6 @@ def test_a_unet_on_two_classes_that_both_hold_objects_finds_both(tmp_path):
     """Pets: label 0 is "cat", not "no object". Every image's pseudo-mask is its map's, and the U-Net trained
     on them finds the pet in cat photos as in dog photos (it once learned that cats have no pet)."""
     import numpy as np
-    from PIL import Image
 
     from wsseg.config_schema import SegmentConfig
     from wsseg.data import create_dataset
@@ -225,3 +225,68 @@ def dataclass_fields(value):
     import dataclasses
 
     return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+
+
+def test_labels_filled_ahead_in_worker_processes_equal_those_made_on_first_read(tmp_path):
+    """`fill_label_cache`: the GrabCut-refined self-training labels computed by two forked processes are the
+    masks the source computes itself, nothing is computed twice, and a corrected image's label is never made."""
+    import numpy as np
+
+    from wsseg.config_schema import RefineStepConfig
+    from wsseg.data import create_dataset
+    from wsseg.stages.unet_labels import confident_mask_source, fill_label_cache, with_corrections
+
+    dataset = create_dataset(DatasetConfig("synthetic", None, "train", options={"n": 10, "size": 48}))
+    rng = np.random.default_rng(0)
+    (tmp_path / "probs").mkdir()
+    for i in range(len(dataset)):  # a noisy probability around the true object
+        prob = np.clip(dataset.load_mask(i) * 0.7 + rng.uniform(0, 0.3, dataset.image_size(i)), 0, 1)
+        np.save(tmp_path / "probs" / f"{dataset.records[i].stem}.npy", prob.astype(np.float16))
+    refine = [RefineStepConfig("grabcut", options={"sure_above": 0.8, "sure_below": 0.2})]
+
+    def source(cache):
+        return confident_mask_source(dataset, tmp_path / "probs", [0.5, 0.5], refine, cache_dir=cache)
+
+    expected = [source(None)(i) for i in range(len(dataset))]  # no cache: computed in this process
+    corrected = tmp_path / "corrected"
+    corrected.mkdir()
+    stem = dataset.records[3].stem
+    Image.fromarray(np.full(dataset.image_size(3), 255, np.uint8)).save(corrected / f"{stem}.png")
+    labels = with_corrections(source(tmp_path / "cache"), dataset, {stem: corrected / f"{stem}.png"})
+
+    assert fill_label_cache(labels, range(len(dataset)), workers=2) == len(dataset) - 1
+    assert not (tmp_path / "cache" / f"{stem}.png").exists()  # the correction is what training reads
+    assert fill_label_cache(labels, range(len(dataset)), workers=2) == 0  # all cached: nothing runs again
+    for i in range(len(dataset)):
+        assert np.array_equal(labels(i), np.ones_like(expected[i]) if i == 3 else expected[i]), i
+    assert any(e.any() and not e.all() for e in expected)  # the labels compared are real masks
+    assert fill_label_cache(source(None), range(len(dataset)), workers=2) == 0  # no cache: first epoch makes them
+
+
+def test_pseudo_masks_written_by_worker_processes_equal_those_written_in_process(tmp_path):
+    """`write_rule_masks(workers=2)`: the same GrabCut-refined PNGs and the same confidences as one process."""
+    import json
+
+    import numpy as np
+
+    from wsseg.config_schema import RefineStepConfig
+    from wsseg.data import create_dataset
+    from wsseg.stages.maps import save_map
+    from wsseg.stages.pseudo_masks import MaskRule, write_rule_masks
+
+    dataset = create_dataset(DatasetConfig("synthetic", None, "train", options={"n": 9, "size": 48}))
+    rng = np.random.default_rng(1)
+    for i in range(len(dataset)):
+        save_map(tmp_path / "maps" / f"{dataset.records[i].stem}.npy",
+                 dataset.load_mask(i) * 0.6 + rng.uniform(0, 0.4, dataset.image_size(i)))
+    rule = MaskRule("m", 0.5, steps=[RefineStepConfig("grabcut", options={"sure_above": 0.3, "sure_below": 0.1})])
+    written = {}
+    for workers in (1, 2):
+        out = write_rule_masks(rule, dataset, {"m": tmp_path / "maps"}, tmp_path / str(workers), workers=workers)
+        written[workers] = ({p.name: np.array(Image.open(p)) for p in sorted(out.glob("*.png"))},
+                            json.loads(next(out.glob("confidence-*.json")).read_text()))
+    masks, confidence = written[1]
+    assert len(masks) == len(dataset) == len(confidence) and any(m.any() for m in masks.values())
+    assert written[2][0].keys() == masks.keys()
+    assert all(np.array_equal(written[2][0][name], masks[name]) for name in masks)
+    assert written[2][1] == confidence

@@ -329,6 +329,10 @@ class RecipeConfig:
     seed: int = 0
     device: str = "auto"
     on_bad_image: OnBadImage = "error"
+    # Processes for the per-image work PyTorch does not thread: the dense CRF and GrabCut of pseudo-masks and
+    # self-training labels, with their images' decoding (None: one per core; 1: in the run's process). The
+    # masks are the same either way: not part of any stage's fingerprint.
+    workers: Optional[int] = None
     # Keep each image decoded at the sizes the stages read it (image_cache/ in the run folder): training epochs
     # and self-training rounds then read arrays instead of decoding files (the same pixels; disk: about 1 MB per
     # Kvasir-SEG image). It pays where decoding is a real share of the time, e.g. with a GPU (docs/BENCHMARKS.md).

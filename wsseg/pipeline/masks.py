@@ -11,6 +11,7 @@ from wsseg import distributed as dist
 from wsseg.cams.tta import TTAMaps
 from wsseg.data.base import SegmentationDataset
 from wsseg.errors import ConfigError
+from wsseg.parallel import cpu_workers
 from wsseg.pipeline.context import MapProducer, RunContext, Stage
 from wsseg.pipeline.executor import fingerprint
 from wsseg.stages.maps import fit_map_method, write_maps
@@ -130,7 +131,8 @@ class PseudoMasksStage(Stage):
             for name, rule in context.rules.items():
                 def write(name=name, rule=rule):
                     out = write_rule_masks(rule, eval_set, context.map_dirs, context.layout.masks(name),
-                                           context.progress, f"masks {name}", indices=dist.shard(range(len(eval_set))))
+                                           context.progress, f"masks {name}", indices=dist.shard(range(len(eval_set))),
+                                           workers=cpu_workers(config.workers))
                     dist.barrier()
                     return str(out)
 

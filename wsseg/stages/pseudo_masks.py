@@ -82,20 +82,25 @@ class MaskRule:
 
 def write_rule_masks(rule: MaskRule, dataset: SegmentationDataset, map_dirs: Dict[str, Path], out_dir: Path,
                      progress: ProgressFn = no_progress, description: str = "masks",
-                     indices: Optional[Sequence[int]] = None) -> Path:
-    """Apply `rule` to every image (or `indices`) and write `out_dir/<stem>.png` (0/255, image-sized)."""
-    from wsseg.confidence import ConfidenceLog
+                     indices: Optional[Sequence[int]] = None, workers: int = 1) -> Path:
+    """Apply `rule` to every image (or `indices`) and write `out_dir/<stem>.png` (0/255, image-sized), the
+    images shared among `workers` processes (wsseg.parallel: the same masks, sooner when the rule refines)."""
+    from wsseg.confidence import ConfidenceLog, mask_confidence
+    from wsseg.parallel import process_map
     from wsseg.refine import otsu_threshold
 
     out_dir = Path(out_dir)
     indices = list(range(len(dataset))) if indices is None else list(indices)
-    confidence = ConfidenceLog(out_dir)
-    for i in progress(indices, total=len(indices), description=description):
+
+    def write(i: int) -> Tuple[str, float]:
         stem = dataset.records[i].stem
         refined, mask = rule.apply(dataset, i, map_dirs)
         write_mask_png(out_dir / f"{stem}.png", mask)
         level = otsu_threshold(refined.activation) if rule.threshold_mode == "otsu" else rule.threshold
-        confidence.add(stem, refined.activation, level)
+        return stem, mask_confidence(refined.activation, level)
+
+    confidence = ConfidenceLog(out_dir)
+    confidence.values.update(process_map(write, indices, workers if rule.steps else 1, progress, description))
     confidence.save()
     return out_dir
 

@@ -94,8 +94,9 @@ class SegmentStage(Stage):
         the last round, the next round's labels (None after the last) and what they are keyed on. With a
         `chooser` (select), a round whose labels do not gain on the labelled images is the last."""
         from wsseg.models.segmenter import save_prediction_settings, with_prediction
+        from wsseg.parallel import cpu_workers
         from wsseg.stages.segment import load_segmenter, train_segmenter, write_masks
-        from wsseg.stages.unet_labels import confident_mask_source, with_corrections
+        from wsseg.stages.unet_labels import confident_mask_source, fill_label_cache, with_corrections
 
         config, layout = context.config, context.layout
         rounds = seg.self_training_rounds
@@ -110,6 +111,10 @@ class SegmentStage(Stage):
         start_from = previous_checkpoint if round_index and seg.self_training_init == "previous" else None
 
         def train():
+            with context.timer("unet_labels"):
+                fill_label_cache(labels, dist.shard(range(len(train_set))), cpu_workers(config.workers),
+                                 context.progress)
+            dist.barrier()
             result = train_segmenter(round_config, config.backbone, train_set, labels, layout.checkpoints,
                                      context.device, (config.seed if seg.seed is None else seg.seed) + round_index,
                                      context.progress, name=key,

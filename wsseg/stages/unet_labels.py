@@ -13,6 +13,7 @@ import numpy as np
 
 from wsseg.data.base import SegmentationDataset
 from wsseg.errors import about
+from wsseg.progress import ProgressFn, no_progress
 from wsseg.refine import needs_image, refine_map, threshold_and_clean
 from wsseg.stages.pseudo_masks import MaskRule
 
@@ -53,12 +54,13 @@ def pseudo_mask_source(dataset: SegmentationDataset, rule: Optional[MaskRule] = 
 def cached_masks(compute: Callable[[int], np.ndarray], cache_dir: Optional[Path],
                  dataset: SegmentationDataset) -> Callable[[int], np.ndarray]:
     """`compute` with each mask kept as `cache_dir/<image stem>.png` after its first call (none kept without
-    `cache_dir`). The folder must be specific to what `compute` does: the runner names it by a fingerprint."""
+    `cache_dir`). The folder must be specific to what `compute` does: the runner names it by a fingerprint.
+    The returned source carries `cache_dir`, so `fill_label_cache` can compute its masks ahead, in parallel."""
     if cache_dir is None:
         return compute
 
     def source(index: int) -> np.ndarray:
-        cached = Path(cache_dir) / f"{dataset.records[index].stem}.png"
+        cached = cached_path(index)
         if cached.is_file():
             mask = cv2.imread(str(cached), cv2.IMREAD_UNCHANGED)
             if mask is not None:
@@ -70,7 +72,27 @@ def cached_masks(compute: Callable[[int], np.ndarray], cache_dir: Optional[Path]
         os.replace(tmp, cached)
         return mask
 
+    def cached_path(index: int) -> Path:
+        return Path(cache_dir) / f"{dataset.records[index].stem}.png"
+
+    source.cached_path = cached_path
     return source
+
+
+def fill_label_cache(labels: Callable[[int], np.ndarray], indices: Sequence[int], workers: int,
+                     progress: ProgressFn = no_progress) -> int:
+    """Compute the not yet cached masks of `indices` in `workers` processes (wsseg.parallel) before training
+    reads them: the dense CRF and GrabCut of the labels are single-threaded, and would otherwise run one image
+    at a time inside the first epoch. Each worker writes its masks' cache files as the first read would. A
+    source without a cache has nothing to compute ahead. Returns how many masks were computed."""
+    from wsseg.parallel import process_map
+
+    cached_path = getattr(labels, "cached_path", None)
+    if cached_path is None or workers <= 1:
+        return 0
+    todo = [i for i in indices if not cached_path(i).is_file()]
+    process_map(lambda index: labels(index) is None, todo, workers, progress, "labels")
+    return len(todo)
 
 
 def confident_mask_source(dataset: SegmentationDataset, prob_dir: Path, band: List[float],
@@ -142,8 +164,11 @@ def with_corrections(source: Callable[[int], np.ndarray], dataset: SegmentationD
                             f"{dataset.image_name(index)} is {dataset.image_size(index)[1]}x{dataset.image_size(index)[0]}")
         return mask.astype(np.uint8)
 
+    if hasattr(source, "cached_path"):  # a corrected image's cached pseudo-mask is never read: none to fill
+        labels.cached_path = lambda index: (Path(files[dataset.records[index].stem])
+                                            if dataset.records[index].stem in files else source.cached_path(index))
     return labels
 
 
 __all__ = ["IGNORE", "cached_masks", "confident_mask_source", "corrected_mask_files", "corrections_digest",
-           "pseudo_mask_source", "refined_mask", "with_corrections"]
+           "fill_label_cache", "pseudo_mask_source", "refined_mask", "with_corrections"]
