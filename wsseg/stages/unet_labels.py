@@ -55,7 +55,7 @@ def cached_masks(compute: Callable[[int], np.ndarray], cache_dir: Optional[Path]
                  dataset: SegmentationDataset) -> Callable[[int], np.ndarray]:
     """`compute` with each mask kept as `cache_dir/<image stem>.png` after its first call (none kept without
     `cache_dir`). The folder must be specific to what `compute` does: the runner names it by a fingerprint.
-    The returned source carries `cache_dir`, so `fill_label_cache` can compute its masks ahead, in parallel."""
+    The returned source carries `cached_path(index)`, so `fill_label_cache` can compute its masks ahead, in parallel."""
     if cache_dir is None:
         return compute
 
