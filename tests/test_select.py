@@ -314,3 +314,51 @@ def test_the_auto_recipe_runs_end_to_end_and_chooses(tmp_path):
     assert choice["method"] in ("gradcam", "eigencam", "dff", "ccam") and choice["image_size"] == 64
     assert {r["method"] for r in metrics["select"]["candidates"]} == {"gradcam", "eigencam", "dff", "ccam"}
     assert "selected" in metrics and "unet" in metrics and (out / "model.onnx").is_file() and (out / "ccam.onnx").is_file()
+
+
+def test_bench_select_replays_the_choice_on_draws_from_a_labelled_pool(tmp_path, squares, monkeypatch, capsys):
+    from wsseg.config import load_recipe, to_yaml
+    from wsseg import select_study
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(load_recipe("demo", _overrides(squares))))
+    assert main(["bench", "select", str(run), "--pool", "10", "--n-images", "3", "5", "--draws", "40"]) == 0
+    assert "select replayed on draws from 10 labelled training images" in capsys.readouterr().out
+    result = json.loads((run / "select_study" / "select_study.json").read_text())
+    assert len(result["pool"]) == 10
+    # 3 methods x 1 size x 2 TTA map sets, each unrefined and through largest_component, under three rules.
+    rows = result["pool_candidates"]
+    assert len(rows) == 36 and rows[0]["candidate"].startswith("bright") and rows[0]["dice"] > 0.9
+    assert max(r["dice"] for r in rows if r["candidate"].startswith("dark")) < 0.3
+    for replay in result["replays"]:
+        assert replay["draws"] == 40 and sum(replay["chosen"].values()) == 40
+        assert replay["choice_min"] <= replay["choice_p10"] <= replay["choice_dice"] <= replay["best_dice"] + 1e-12
+        assert replay["choice_dice"] > 0.9 and all(label.startswith("bright") for label in replay["chosen"])
+    # Stopped and run again: every map set's scores come from the cache.
+    monkeypatch.setattr(select_study, "_score_map_set", lambda *a, **k: pytest.fail("scored again"))
+    assert main(["bench", "select", str(run), "--pool", "10", "--n-images", "3", "--draws", "5"]) == 0
+    assert main(["bench", "select", str(run), "--pool", "10", "--n-images", "10"]) == 2  # no image left to score on
+
+
+def test_the_replayed_select_rule_refines_only_the_best_map_sets_and_calibrates_leave_one_out():
+    from wsseg.pipeline.candidates import leave_one_out_choice
+    from wsseg.select_study import PoolScores, replay, select_rule
+
+    scores = PoolScores(labels=["a map", "a refined", "b map", "b refined", "c map", "c calibrated"],
+                        map_set=["a", "a", "b", "b", "c", "c"], refined=[False, True, False, True, False, False])
+    seen = np.array([0.5, 0.6, 0.4, 0.95, 0.45, 0.3])
+    # b's refinement scores best, but b's map is the weakest: with refine_top 1 only a's chain is tried.
+    assert scores.labels[select_rule(scores, seen, refine_top=1)] == "a refined"
+    assert scores.labels[select_rule(scores, seen, refine_top=3)] == "b refined"
+    rng = np.random.default_rng(0)
+    table = rng.random((12, 7))  # images x thresholds
+    scores.per_image = [rng.random(12) for _ in range(5)] + [None]
+    scores.by_threshold = [None] * 5 + [table]
+    draw, rest = np.arange(6), np.arange(6, 12)
+    seen, unseen = scores.on(draw, rest)
+    per_image, best = leave_one_out_choice(table[draw].T)
+    assert seen[5] == pytest.approx(np.mean(per_image)) and unseen[5] == pytest.approx(table[rest, best].mean())
+    assert seen[0] == pytest.approx(scores.per_image[0][draw].mean())
+    out = replay(scores, 4, draws=30)
+    assert sum(out["chosen"].values()) == 30 and out["choice_dice"] <= out["best_dice"]

@@ -1,5 +1,5 @@
 """`wsseg bench KIND`: speed (inference, maps, U-Net training steps), backend agreement, map quality on labelled
-images, and the hand-labelling the review loop saves."""
+images, how reliably a few labelled images choose the producer, and the hand-labelling the review loop saves."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def add_parser(subparsers) -> None:
     _add_corrections_parser(kinds)
     _add_train_parser(kinds)
     _add_labels_parser(kinds)
+    _add_select_parser(kinds)
     maps.set_defaults(func=cmd_bench_maps)
 
 
@@ -51,6 +52,53 @@ def _add_labelled_images_arguments(parser, n_images: int) -> None:
     parser.add_argument("--split", default="train")
     parser.add_argument("--data-root", type=Path, help="folder holding the datasets (default $WSSEG_DATA or ./data)")
     parser.add_argument("--n-images", type=int, default=n_images)
+
+
+def _add_select_parser(kinds) -> None:
+    select = kinds.add_parser(
+        "select", help="how reliably a few labelled images choose the pseudo-mask producer (the select stage)",
+        description="Scores every candidate of a run's select grid per image on a pool of labelled training "
+                    "images (select.labelled), then replays the select stage on --draws random draws of each "
+                    "--n-images from the pool and scores every choice on the pool's other images: the Dice to "
+                    "expect from select at that many labelled images, next to the best candidate's. The run's "
+                    "classifier and trained map methods are reused; the evaluation split is not read. Writes "
+                    "select_study.json; a stopped bench continues where it stopped.")
+    select.add_argument("run", type=Path, help="a run directory of a recipe with select.labelled (e.g. polyp_auto)")
+    select.add_argument("--pool", type=int, default=100, help="labelled training images scored (default 100)")
+    select.add_argument("--n-images", type=int, nargs="+", default=[10, 20],
+                        help="labelled images select chooses on, each replayed (default: 10 20)")
+    select.add_argument("--draws", type=int, default=1000, help="random draws per --n-images (default 1000)")
+    select.add_argument("--pool-seed", type=int, default=0, help="the pool's draw and the replays' (default 0)")
+    select.add_argument("--out", type=Path, help="where the linked run copy and select_study.json go "
+                                                 "(default RUN/select_study)")
+    select.add_argument("--data-root", type=Path, help="folder holding the datasets (default $WSSEG_DATA or ./data)")
+    select.set_defaults(func=cmd_bench_select)
+
+
+def cmd_bench_select(args) -> int:
+    from rich.table import Table
+
+    from wsseg.cli.ui import console, rich_progress, setup_console_logging
+    from wsseg.select_study import bench_select
+
+    setup_console_logging(False)
+    with rich_progress() as progress:
+        result = bench_select(args.run, args.pool, args.n_images, args.draws, args.out, args.data_root,
+                              args.pool_seed, progress=progress)
+    best = result["pool_candidates"][0]
+    table = Table(title=f"select replayed on draws from {len(result['pool'])} labelled training images "
+                        "(Dice on the pool's other images)")
+    for column in ("labelled images", "draws", "select's choice", "10th percentile", "worst draw",
+                   "best candidate", "most chosen"):
+        table.add_column(column, justify="left" if column == "most chosen" else "right")
+    for r in result["replays"]:
+        label, count = next(iter(r["chosen"].items()))
+        table.add_row(str(r["n_images"]), str(r["draws"]), f"{r['choice_dice']:.3f}", f"{r['choice_p10']:.3f}",
+                      f"{r['choice_min']:.3f}", f"{r['best_dice']:.3f}", f"{label} ({count / r['draws']:.0%})")
+    console.print(table)
+    console.print(f"best candidate on the whole pool: {best['candidate']} ({best['dice']:.3f}); "
+                  f"every candidate and choice: {Path(args.out or args.run / 'select_study') / 'select_study.json'}")
+    return 0
 
 
 def _add_labels_parser(kinds) -> None:

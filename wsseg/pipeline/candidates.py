@@ -114,11 +114,12 @@ def grid(config: RecipeConfig) -> List[float]:
 
 
 def candidate_maps(context: RunContext, method: str, size: int, tta: TTAConfig, dataset: SegmentationDataset,
-                   folder_name: str) -> Path:
-    """One method's maps of the labelled images at one size and TTA (fitted methods on maps.fit_dataset)."""
+                   folder_name: str, group: str = "maps_select") -> Path:
+    """One method's maps of the labelled images at one size and TTA (fitted methods on maps.fit_dataset), in
+    the run's `group` folder."""
     config = context.config
     producer = context.producers[method]
-    out = context.layout.maps(folder_name, "maps_select")
+    out = context.layout.maps(folder_name, group)
     wanted = list(range(len(dataset)))
     with TTAMaps(producer.build(), tta.hflip, tta.scales) as maps:
         if maps.needs_fit:
