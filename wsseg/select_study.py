@@ -17,10 +17,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from wsseg.metrics import dice
-from wsseg.pipeline.candidates import CRF_LEVEL, Candidate, candidate_maps, grid
+from wsseg.pipeline.candidates import CRF_LEVEL, Candidate, candidate_maps, grid, leave_one_out_choice
 from wsseg.pipeline.context import RunContext
 from wsseg.progress import ProgressFn, no_progress
-from wsseg.refine import MAP_STEPS, needs_image
+from wsseg.refine import MAP_STEPS, needs_image, refine_map
 from wsseg.stages.pseudo_masks import MaskRule, RefinedMap
 
 
@@ -43,11 +43,10 @@ class PoolScores:
             if table is None:
                 seen.append(scores[draw].mean())
                 unseen.append(scores[rest].mean())
-            else:  # wsseg.pipeline.candidates.leave_one_out_choice, vectorised over the left-out image
-                drawn = table[draw]
-                without = (drawn.sum(0)[None, :] - drawn) / (len(draw) - 1)
-                seen.append(drawn[np.arange(len(draw)), without.argmax(1)].mean())
-                unseen.append(table[rest, int(drawn.mean(0).argmax())].mean())
+            else:  # select's own leave-one-out, so that ties break as they do in a run
+                per_image, best = leave_one_out_choice(table[draw].T)
+                seen.append(np.mean(per_image))
+                unseen.append(table[rest, best].mean())
         return np.array(seen), np.array(unseen)
 
 
@@ -89,13 +88,14 @@ def _score_map_set(context: RunContext, pool, method: str, size: int, k: int, wo
                  for r in rules]
 
     def one(i: int):
+        # The map and the image are read once per image; chains with the same map steps share their refined map.
         made, rows = {}, []
         image = pool.load_image(i) if any(needs_image(r.steps) for r in rules) else None
-        source = MaskRule(method, 0.5).refined(pool, i, {method: folder}).activation
+        source = MaskRule(method).refined(pool, i, {method: folder}).activation
         for rule, with_grid in zip(rules, calibrate):
             key = tuple(repr(s) for s in rule.steps if s.name in MAP_STEPS)
             if key not in made:
-                made[key] = rule.refined(pool, i, {method: folder}).activation
+                made[key] = refine_map(source, image, rule.steps, {method: source})
             refined = RefinedMap(made[key], image, source)
             otsu = MaskRule(method, rule.threshold, "otsu", rule.steps)
             rows.append((dice(rule.mask(refined), truths[i]), dice(otsu.mask(refined), truths[i]),
@@ -175,9 +175,10 @@ def bench_select(run_dir: Path, pool_size: int = 100, n_images: Sequence[int] = 
     from wsseg.stages.common import write_json
 
     run_dir = Path(run_dir)
-    if not RunLayout(run_dir).config.is_file():
+    recipe_file = RunLayout(run_dir).config
+    if not recipe_file.is_file():
         raise WssegError(f"bench select: {run_dir} holds no config.yaml (a `wsseg recipe run` folder)")
-    config = load_recipe(str(RunLayout(run_dir).config))
+    config = load_recipe(str(recipe_file))
     if config.select is None or config.select.labelled is None:
         raise WssegError(f"bench select: the recipe of {run_dir} has no select.labelled (the labelled training "
                          "images the pool is drawn from)")
