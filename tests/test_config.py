@@ -50,6 +50,8 @@ def test_semantic_names_checked():
         parse_recipe({"segment": {"image_size": 250, "train": [{"name": "synthetic"}]}})
     with pytest.raises(ConfigError, match=r"segment.image_size: .* multiple of 32, got 0"):
         parse_recipe({"segment": {"image_size": 0, "train": [{"name": "synthetic"}]}})
+    with pytest.raises(ConfigError, match=r"select.prefer_faster_within: a Dice margin .* got 1.5"):
+        parse_recipe({"select": {"prefer_faster_within": 1.5}})
 
 
 def test_map_method_options_checked_against_the_method():

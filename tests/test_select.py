@@ -12,6 +12,7 @@ from wsseg.cams.base import MapMethod
 from wsseg.cli.main import main
 from wsseg.data import DATASETS
 from wsseg.data.base import Record, SegmentationDataset, list_images, require_dir
+from wsseg.pipeline.candidates import choose, selection_estimate
 from wsseg.pipeline.select import leave_one_out_means
 
 
@@ -136,6 +137,17 @@ def test_select_picks_the_truly_best_producer_and_the_run_uses_it(tmp_path, squa
     assert main(["recipe", "run", "--resume", str(out)]) == 0
     skipped = json.loads((out / "metrics.json").read_text())["resumed_skipped_stages"]
     assert "select" in skipped and "unet_masks" in skipped  # the U-Net's masks are not predicted again
+    # Each candidate's cost per image was measured; asked to, the run takes the fastest close to the best, from
+    # the same cached scores, and maps with it.
+    assert all(r["seconds_per_image"] > 0 for r in rows)
+    assert main(["recipe", "run", "--resume", str(out), "select.prefer_faster_within=0.5"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    close = [r for r in rows if r["dice"] >= rows[0]["dice"] - 0.5]
+    fastest = min(close, key=lambda r: r["seconds_per_image"])
+    assert metrics["select"]["choice"]["candidate"] == fastest["candidate"]
+    assert "select" in metrics["resumed_skipped_stages"]
+    assert (out / "maps" / fastest["method"]).is_dir()
+    assert json.loads((out / "select.json").read_text())["choice"]["candidate"] == fastest["candidate"]
 
 
 @pytest.mark.parametrize("rule", ["unet", "refinement"])
@@ -362,3 +374,22 @@ def test_the_replayed_select_rule_refines_only_the_best_map_sets_and_calibrates_
     assert seen[0] == pytest.approx(scores.per_image[0][draw].mean())
     out = replay(scores, 4, draws=30)
     assert sum(out["chosen"].values()) == 30 and out["choice_dice"] <= out["best_dice"]
+
+
+def test_choose_takes_the_best_or_the_fastest_within_the_margin():
+    means, seconds = [0.80, 0.79, 0.70, 0.795], [3.0, 1.0, 0.1, None]
+    assert choose(means, seconds) == 0
+    assert choose(means, seconds, 0.02) == 1  # 0.1 s is faster but 0.10 below the best; None is not preferred
+    assert choose(means, seconds, 0.2) == 2
+    assert choose(means, [None, 1.0, 0.1, 0.2], 0.2) == 0  # the best's cost unknown (old cached rows): the best
+
+
+def test_the_unseen_estimate_replays_the_same_rule():
+    # Two candidates on three images: the slow one is best on every pair of images but by 0.01 only.
+    rows = [{"per_image": [0.90, 0.90, 0.90], "seconds_per_image": 2.0},
+            {"per_image": [0.89, 0.89, 0.50], "seconds_per_image": 0.5}]
+    assert selection_estimate(rows) == pytest.approx(0.90)
+    # Within 0.3 the fast one wins on every fold: each image is scored under it.
+    assert selection_estimate(rows, 0.3) == pytest.approx(np.mean([0.89, 0.89, 0.50]))
+    # Within 0.05: left out image 2, the fast one is 0.01 below, chosen; otherwise (0.21 below) the slow one.
+    assert selection_estimate(rows, 0.05) == pytest.approx(np.mean([0.90, 0.90, 0.50]))

@@ -268,6 +268,9 @@ def _select_problems(config: RecipeConfig, datasets: List[Tuple[str, Any]]) -> L
         problems += validate_steps(chain, f"select.refine.{i}")
     if sel.refine_top < 0:
         problems.append(f"select.refine_top: 0 or more, got {sel.refine_top}")
+    if not 0 <= sel.prefer_faster_within < 1:
+        problems.append(f"select.prefer_faster_within: a Dice margin from 0 (the best) to below 1, got "
+                        f"{sel.prefer_faster_within}")
     return problems
 
 

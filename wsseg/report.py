@@ -39,9 +39,13 @@ def select_lines(select, top: int = 15) -> List[str]:
     if not select.get("candidates"):
         return ["", f"Select: {select.get('note', 'nothing chosen')}; producer {select['choice']['candidate']}."]
     lines = ["", f"## Select ({select['labelled_images']} labelled images, {len(select['candidates'])} candidates)", "",
-             "| candidate | dice | leave-one-out |", "|---|---:|---:|"]
-    lines += [f"| {r['candidate']} | {r['dice']:.4f} | {r['loo_low']:.3f}-{r['loo_high']:.3f} |"
+             "| candidate | dice | leave-one-out | ms / image |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['candidate']} | {r['dice']:.4f} | {r['loo_low']:.3f}-{r['loo_high']:.3f} | {cost_ms(r)} |"
               for r in select["candidates"][:top]]
+    if select["choice"]["candidate"] != select["candidates"][0]["candidate"]:
+        lines.append(f"\nChosen (`select.prefer_faster_within`: the fastest close to the best): "
+                     f"{select['choice']['candidate']}, Dice {select['choice']['dice']:.4f}, {cost_ms(select['choice'])} ms "
+                     f"an image")
     if select.get("choice_unseen_estimate") is not None:
         lines.append(f"\nThe choice scored on images it was not chosen on (nested leave-one-out): "
                      f"{select['choice_unseen_estimate']:.4f} (the winner's {select['choice']['dice']:.4f} is optimistic: "
@@ -59,6 +63,12 @@ def select_lines(select, top: int = 15) -> List[str]:
         lines.append(f"\n{step['labels']}'s labels: Dice {step['dice']:.4f} on the labelled images{unet}"
                      f" ({'gained: another round' if step['gained'] else 'no gain: the last round'})")
     return lines
+
+
+def cost_ms(row: Dict) -> str:
+    """A candidate's maps and refinement per image, in milliseconds ("" where not measured)."""
+    seconds = row.get("seconds_per_image")
+    return "" if seconds is None else f"{1000 * seconds:.0f}"
 
 
 def bar_chart(path: Path, metrics: Dict[str, Dict], title: str, columns=("dice", "iou", "precision", "recall")) -> Path:

@@ -81,7 +81,7 @@ def _score_map_set(context: RunContext, pool, method: str, size: int, k: int, wo
     config, sel = context.config, context.config.select
     tta, thresholds = sel.tta[k], grid(config)
     truths = [pool.load_mask(i).astype(bool) for i in range(len(pool))]
-    folder = candidate_maps(context, method, size, tta, pool, f"{method}-{size}-tta{k}", "maps_select_pool")
+    folder = candidate_maps(context, method, size, tta, pool, f"{method}-{size}-tta{k}", "maps_select_pool").folder
     rules = [MaskRule(method, CRF_LEVEL if any(s.name == "dense_crf" for s in chain) else
                       config.pseudo_masks.threshold, "fixed", list(chain)) for chain in sel.refine]
     calibrate = ["calibrated" in sel.threshold_modes and not needs_image([s for s in r.steps if s.name not in MAP_STEPS])

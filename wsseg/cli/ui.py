@@ -11,7 +11,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from wsseg.report import TABLE_COLUMNS, producer_rows
+from wsseg.report import TABLE_COLUMNS, cost_ms, producer_rows
 
 console = Console(stderr=False)
 if not console.is_terminal:  # logs and CI: wide enough that the table never truncates
@@ -62,10 +62,13 @@ def print_run_summary(name: str, metrics: Dict[str, Dict], timings: Dict[str, fl
     if select.get("candidates"):
         table = Table(title=f"select: best of {len(select['candidates'])} candidates on "
                             f"{select['labelled_images']} labelled images (all in select.json)")
-        for column in ("candidate", "dice", "leave-one-out"):
+        for column in ("candidate", "dice", "leave-one-out", "ms / image"):
             table.add_column(column, justify="left" if column == "candidate" else "right")
         for row in select["candidates"][:10]:
-            table.add_row(row["candidate"], f"{row['dice']:.4f}", f"{row['loo_low']:.3f}-{row['loo_high']:.3f}")
+            table.add_row(row["candidate"], f"{row['dice']:.4f}", f"{row['loo_low']:.3f}-{row['loo_high']:.3f}",
+                          cost_ms(row))
+        if select["choice"]["candidate"] != select["candidates"][0]["candidate"]:
+            table.caption = f"chosen, the fastest close to the best: {select['choice']['candidate']}"
         console.print(table)
     elif select:
         console.print(f"[bold]select[/bold]: {select.get('note')}")

@@ -5,6 +5,7 @@ and threshold rule on them; a calibrated threshold scored leave-one-out."""
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -33,6 +34,9 @@ class Candidate:
     threshold: float = 0.5
     dice: float = 0.0
     per_image: List[float] = field(default_factory=list)
+    # What one image costs this producer: its maps (a fitted method's fit excluded) and its refinement chain,
+    # measured on the labelled images; None where unknown (rows cached before it was measured).
+    seconds_per_image: Optional[float] = None
 
     @property
     def label(self) -> str:
@@ -48,7 +52,8 @@ class Candidate:
                 "tta": {"hflip": self.tta.hflip, "scales": list(self.tta.scales)},
                 "refine": [{"name": s.name, "options": dict(s.options)} for s in self.refine],
                 "threshold_mode": self.threshold_mode, "threshold": self.threshold, "dice": self.dice,
-                "loo_low": min(loo), "loo_high": max(loo), "per_image": [float(v) for v in self.per_image]}
+                "loo_low": min(loo), "loo_high": max(loo), "per_image": [float(v) for v in self.per_image],
+                "seconds_per_image": self.seconds_per_image}
 
 
 def _step_label(step: RefineStepConfig) -> str:
@@ -64,14 +69,34 @@ def leave_one_out_means(values: Sequence[float]) -> List[float]:
     return [float((values.sum() - v) / (len(values) - 1)) for v in values]
 
 
-def selection_estimate(rows: Sequence[Dict]) -> Optional[float]:
+def selection_estimate(rows: Sequence[Dict], prefer_faster_within: float = 0.0) -> Optional[float]:
     """The whole choice scored on images it did not see (nested leave-one-out): for each labelled image, the
-    candidate that is best on the others, scored on that image. The winner's own mean Dice is optimistic, since it
-    was picked as the best of many on those same images. None for rows without per-image scores."""
+    candidate the rule (`choose`) takes on the others, scored on that image. The winner's own mean Dice is
+    optimistic, since it was picked as the best of many on those same images. None for rows without per-image
+    scores."""
     if not rows or any(not r.get("per_image") for r in rows) or len(rows[0]["per_image"]) < 2:
         return None
-    per_image, _ = leave_one_out_choice(np.array([r["per_image"] for r in rows], dtype=np.float64))
+    scores = np.array([r["per_image"] for r in rows], dtype=np.float64)
+    seconds = [r.get("seconds_per_image") for r in rows]
+    n_images = scores.shape[1]
+    totals = scores.sum(axis=1)
+    per_image = [scores[choose((totals - scores[:, i]) / (n_images - 1), seconds, prefer_faster_within), i]
+                 for i in range(n_images)]
     return float(np.mean(per_image))
+
+
+def choose(means: Sequence[float], seconds: Sequence[Optional[float]], prefer_faster_within: float = 0.0) -> int:
+    """The index of the candidate the select stage takes: the best mean Dice (ties to the first); with
+    `prefer_faster_within` > 0, the fastest candidate whose mean is at most that far below the best (candidates
+    of unknown cost are not preferred)."""
+    best = int(np.argmax(means))
+    if prefer_faster_within <= 0:
+        return best
+    close = [j for j, (m, s) in enumerate(zip(means, seconds))
+             if s is not None and m >= means[best] - prefer_faster_within]
+    if seconds[best] is None or not close:
+        return best
+    return min(close, key=lambda j: (seconds[j], -means[j], j))
 
 
 def labelled_sample(dataset: SegmentationDataset, n_images: int, seed: int) -> SegmentationDataset:
@@ -113,10 +138,17 @@ def grid(config: RecipeConfig) -> List[float]:
     return list((config.pseudo_masks.calibrate or CalibrateConfig()).grid)
 
 
+@dataclass
+class MapSet:
+    folder: Path
+    seconds_per_image: float
+
+
 def candidate_maps(context: RunContext, method: str, size: int, tta: TTAConfig, dataset: SegmentationDataset,
-                   folder_name: str, group: str = "maps_select") -> Path:
+                   folder_name: str, group: str = "maps_select") -> MapSet:
     """One method's maps of the labelled images at one size and TTA (fitted methods on maps.fit_dataset), in
-    the run's `group` folder."""
+    the run's `group` folder, with what a map cost per image (the fit of a fitted method excluded: it is paid
+    once per run)."""
     config = context.config
     producer = context.producers[method]
     out = context.layout.maps(folder_name, group)
@@ -126,9 +158,10 @@ def candidate_maps(context: RunContext, method: str, size: int, tta: TTAConfig, 
             fit_set, fit_indices = fit_images(context, dataset, wanted)
             fit_map_method(maps, fit_set, fit_indices, size, producer.mean, producer.std, context.device,
                            config.maps.batch_size, config.maps.num_workers)
+        start = time.perf_counter()
         write_maps(maps, dataset, out, size, producer.mean, producer.std, producer.targets(dataset), context.device,
                    config.maps.batch_size, config.maps.num_workers)
-    return out
+    return MapSet(out, (time.perf_counter() - start) / max(len(dataset), 1))
 
 
 def leave_one_out_choice(scores: np.ndarray) -> Tuple[List[float], int]:
@@ -147,11 +180,16 @@ def leave_one_out_choice(scores: np.ndarray) -> Tuple[List[float], int]:
 
 def score_rules(base: Candidate, dataset: SegmentationDataset, truths: List[np.ndarray], map_dir: Path,
                 modes: Sequence[str], fixed_threshold: float, calibration_grid: Sequence[float]) -> List[Candidate]:
-    """The candidate under each threshold rule, its refined maps computed once."""
+    """The candidate under each threshold rule, its refined maps computed once (their cost is added to the
+    base's `seconds_per_image`, the maps' own)."""
     uses_crf = any(s.name == "dense_crf" for s in base.refine)
     level = CRF_LEVEL if uses_crf else fixed_threshold
     rule = MaskRule(base.method, level, "fixed", base.refine)
+    start = time.perf_counter()
     refined = [rule.refined(dataset, i, {base.method: map_dir}) for i in range(len(dataset))]
+    if base.seconds_per_image is not None:
+        base = replace(base, seconds_per_image=base.seconds_per_image
+                       + (time.perf_counter() - start) / max(len(dataset), 1))
     out = []
     for mode in modes:
         if mode == "fixed":
@@ -173,6 +211,6 @@ def score_rules(base: Candidate, dataset: SegmentationDataset, truths: List[np.n
     return out
 
 
-__all__ = ["CRF_LEVEL", "Candidate", "candidate_maps", "grid", "labelled_sample", "labelled_set",
+__all__ = ["CRF_LEVEL", "Candidate", "MapSet", "candidate_maps", "choose", "grid", "labelled_sample", "labelled_set",
            "leave_one_out_choice", "leave_one_out_means", "selection_estimate",
            "score_rules"]

@@ -19,8 +19,8 @@ import numpy as np
 
 from wsseg.config_schema import MaskVariantConfig, RecipeConfig, RefineStepConfig, TTAConfig
 from wsseg.metrics import dice
-from wsseg.pipeline.candidates import (CRF_LEVEL, Candidate, candidate_maps, grid, labelled_set, leave_one_out_means,
-                                       score_rules, selection_estimate)
+from wsseg.pipeline.candidates import (CRF_LEVEL, Candidate, candidate_maps, choose, grid, labelled_set,
+                                       leave_one_out_means, score_rules, selection_estimate)
 from wsseg.pipeline.context import RunContext, Stage
 from wsseg.pipeline.executor import fingerprint
 from wsseg.stages.pseudo_masks import MaskRule
@@ -50,17 +50,19 @@ class SelectStage(Stage):
         else:
             with context.timer("select"):
                 rows = self.score(context)
-            choice = _from_row(rows[0])
-            estimate = selection_estimate(rows)
-            context.metrics["select"] = {"labelled_images": sel.n_images, "choice": rows[0], "candidates": rows,
+            chosen = rows[choose([r["dice"] for r in rows], [r.get("seconds_per_image") for r in rows],
+                                 sel.prefer_faster_within)]
+            choice = _from_row(chosen)
+            estimate = selection_estimate(rows, sel.prefer_faster_within)
+            context.metrics["select"] = {"labelled_images": sel.n_images, "choice": chosen, "candidates": rows,
                                          "choice_unseen_estimate": estimate}
             log.info("select: %s (Dice %.3f on %d labelled images, leave-one-out %.3f-%.3f; %d candidates)",
-                     rows[0]["candidate"], rows[0]["dice"], sel.n_images, rows[0]["loo_low"], rows[0]["loo_high"],
+                     chosen["candidate"], chosen["dice"], sel.n_images, chosen["loo_low"], chosen["loo_high"],
                      len(rows))
             if estimate is not None:
                 log.info("select: the choice scored on images it was not chosen on (nested leave-one-out): %.3f",
                          estimate)
-            write_select_outputs(context, rows)
+            write_select_outputs(context, rows, chosen)
         context.config = apply_choice(config, choice)
         if not sel.evaluate_all_methods:
             needed = methods_needed(context.config)
@@ -81,9 +83,10 @@ class SelectStage(Stage):
             for method in config.maps.methods:
                 for size in sel.image_sizes:
                     for k, tta in enumerate(sel.tta):
-                        folder = candidate_maps(context, method, size, tta, dataset, f"{method}-{size}-tta{k}")
-                        map_sets[(method, size, k)] = folder
-                        scored += score_rules(Candidate(method, size, tta), dataset, truths, folder,
+                        map_set = candidate_maps(context, method, size, tta, dataset, f"{method}-{size}-tta{k}")
+                        map_sets[(method, size, k)] = map_set
+                        scored += score_rules(Candidate(method, size, tta, seconds_per_image=map_set.seconds_per_image),
+                                              dataset, truths, map_set.folder,
                                               sel.threshold_modes, config.pseudo_masks.threshold, grid(config))
             best_sets = []
             for c in sorted(scored, key=lambda c: -c.dice):
@@ -93,8 +96,10 @@ class SelectStage(Stage):
             for method, size, k in best_sets[:sel.refine_top]:
                 for chain in sel.refine:
                     if chain:
-                        scored += score_rules(Candidate(method, size, sel.tta[k], list(chain)), dataset, truths,
-                                              map_sets[(method, size, k)], sel.threshold_modes,
+                        map_set = map_sets[(method, size, k)]
+                        scored += score_rules(Candidate(method, size, sel.tta[k], list(chain),
+                                                        seconds_per_image=map_set.seconds_per_image),
+                                              dataset, truths, map_set.folder, sel.threshold_modes,
                                               config.pseudo_masks.threshold, grid(config))
             return [c.row() for c in sorted(scored, key=lambda c: -c.dice)]
 
@@ -231,8 +236,9 @@ class RoundChooser:
         return gained
 
 
-def write_select_outputs(context: RunContext, rows: List[Dict]) -> None:
-    """select.json (every candidate, best first) and plots/select.png (the best 15, with their spread)."""
+def write_select_outputs(context: RunContext, rows: List[Dict], chosen: Dict) -> None:
+    """select.json (every candidate, best first) and plots/select.png (the best 15 and the choice, with their
+    spread and cost)."""
     from wsseg import distributed as dist
     from wsseg.stages.common import write_json
 
@@ -240,18 +246,18 @@ def write_select_outputs(context: RunContext, rows: List[Dict]) -> None:
         return
     layout = context.layout
     write_json(layout.root / "select.json", {"labelled_images": context.config.select.n_images,
-                                             "choice": rows[0], "candidates": rows})
+                                             "choice": chosen, "candidates": rows})
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    top = rows[:15][::-1]
+    top = (rows[:15] if any(r is chosen for r in rows[:15]) else rows[:14] + [chosen])[::-1]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(top) + 1.2))
     y = np.arange(len(top))
     spread = [[r["dice"] - r["loo_low"] for r in top], [r["loo_high"] - r["dice"] for r in top]]
-    ax.barh(y, [r["dice"] for r in top], xerr=spread, color=["tab:green" if r is rows[0] else "tab:blue" for r in top], capsize=2)
-    ax.set_yticks(y, [r["candidate"] for r in top], fontsize=7)
+    ax.barh(y, [r["dice"] for r in top], xerr=spread, color=["tab:green" if r is chosen else "tab:blue" for r in top], capsize=2)
+    ax.set_yticks(y, [r["candidate"] + _cost_label(r) for r in top], fontsize=7)
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"mean Dice on {context.config.select.n_images} labelled images (bars: leave-one-out range)")
     ax.set_title("select: candidate pseudo-mask producers")
@@ -259,6 +265,11 @@ def write_select_outputs(context: RunContext, rows: List[Dict]) -> None:
     layout.plots.mkdir(parents=True, exist_ok=True)
     fig.savefig(layout.plots / "select.png", dpi=120)
     plt.close(fig)
+
+
+def _cost_label(row: Dict) -> str:
+    seconds = row.get("seconds_per_image")
+    return "" if seconds is None else f"  ({1000 * seconds:.0f} ms/image)"
 
 
 __all__ = ["Candidate", "SELECTED", "SelectStage", "apply_choice", "label_free_default", "leave_one_out_means",
