@@ -268,8 +268,9 @@ def write_select_outputs(context: RunContext, rows: List[Dict], chosen: Dict) ->
 
 
 def _cost_label(row: Dict) -> str:
-    seconds = row.get("seconds_per_image")
-    return "" if seconds is None else f"  ({1000 * seconds:.0f} ms/image)"
+    from wsseg.report import cost_ms
+
+    return f"  ({cost_ms(row)} ms/image)" if cost_ms(row) else ""
 
 
 __all__ = ["Candidate", "SELECTED", "SelectStage", "apply_choice", "label_free_default", "leave_one_out_means",
