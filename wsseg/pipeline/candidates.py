@@ -8,7 +8,7 @@ import copy
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -76,12 +76,9 @@ def selection_estimate(rows: Sequence[Dict], prefer_faster_within: float = 0.0) 
     scores."""
     if not rows or any(not r.get("per_image") for r in rows) or len(rows[0]["per_image"]) < 2:
         return None
-    scores = np.array([r["per_image"] for r in rows], dtype=np.float64)
     seconds = [r.get("seconds_per_image") for r in rows]
-    n_images = scores.shape[1]
-    totals = scores.sum(axis=1)
-    per_image = [scores[choose((totals - scores[:, i]) / (n_images - 1), seconds, prefer_faster_within), i]
-                 for i in range(n_images)]
+    per_image, _ = leave_one_out_choice(np.array([r["per_image"] for r in rows], dtype=np.float64),
+                                        lambda means: choose(means, seconds, prefer_faster_within))
     return float(np.mean(per_image))
 
 
@@ -164,18 +161,22 @@ def candidate_maps(context: RunContext, method: str, size: int, tta: TTAConfig, 
     return MapSet(out, (time.perf_counter() - start) / max(len(dataset), 1))
 
 
-def leave_one_out_choice(scores: np.ndarray) -> Tuple[List[float], int]:
+def _first_best(means: List[float]) -> int:
+    return means.index(max(means))
+
+
+def leave_one_out_choice(scores: np.ndarray,
+                         pick: Callable[[List[float]], int] = _first_best) -> Tuple[List[float], int]:
     """`scores[j, i]`: image i's Dice under option j (a grid threshold, a candidate). Each image's Dice under the
-    option with the best mean over the other images (ties to the first, as `best_grid_threshold`), and the index
-    of the option with the best mean over all of them."""
+    option `pick` takes from the means over the other images (by default the best, ties to the first, as
+    `best_grid_threshold`), and the index of the option it takes from the means over all of them."""
     n_options, n_images = scores.shape
     per_image = []
     for i in range(n_images):
         others = [k for k in range(n_images) if k != i] or [i]
         means = [float(np.mean(scores[j, others])) for j in range(n_options)]
-        per_image.append(float(scores[means.index(max(means)), i]))
-    means = [float(np.mean(scores[j])) for j in range(n_options)]
-    return per_image, means.index(max(means))
+        per_image.append(float(scores[pick(means), i]))
+    return per_image, pick([float(np.mean(scores[j])) for j in range(n_options)])
 
 
 def score_rules(base: Candidate, dataset: SegmentationDataset, truths: List[np.ndarray], map_dir: Path,

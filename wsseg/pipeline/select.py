@@ -270,7 +270,8 @@ def write_select_outputs(context: RunContext, rows: List[Dict], chosen: Dict) ->
 def _cost_label(row: Dict) -> str:
     from wsseg.report import cost_ms
 
-    return f"  ({cost_ms(row)} ms/image)" if cost_ms(row) else ""
+    cost = cost_ms(row)
+    return f"  ({cost} ms/image)" if cost else ""
 
 
 __all__ = ["Candidate", "SELECTED", "SelectStage", "apply_choice", "label_free_default", "leave_one_out_means",
