@@ -277,7 +277,8 @@ def test_a_calibrated_candidate_makes_each_threshold_and_image_mask_once(tmp_pat
     grid = [0.3, 0.5, 0.7]
     base = candidates.Candidate("bright", 64, TTAConfig(), [RefineStepConfig("largest_component")])
     (row,) = candidates.score_rules(base, dataset, truths, map_dir, ["calibrated"], 0.58, grid)
-    assert len(calls) == len(grid) * len(dataset)
+    # One mask per (threshold, image), and one per image at the rule's level: what the candidate's cost times.
+    assert len(calls) == (len(grid) + 1) * len(dataset)
     assert row.threshold == 0.3 and row.dice == pytest.approx(1.0)
 
 
@@ -335,7 +336,8 @@ def test_bench_select_replays_the_choice_on_draws_from_a_labelled_pool(tmp_path,
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(to_yaml(load_recipe("demo", _overrides(squares))))
-    assert main(["bench", "select", str(run), "--pool", "10", "--n-images", "3", "5", "--draws", "40"]) == 0
+    assert main(["bench", "select", str(run), "--pool", "10", "--n-images", "3", "5", "--draws", "40",
+                 "--prefer-faster-within", "0", "0.5"]) == 0
     assert "select replayed on draws from 10 labelled training images" in capsys.readouterr().out
     result = json.loads((run / "select_study" / "select_study.json").read_text())
     assert len(result["pool"]) == 10
@@ -343,10 +345,19 @@ def test_bench_select_replays_the_choice_on_draws_from_a_labelled_pool(tmp_path,
     rows = result["pool_candidates"]
     assert len(rows) == 36 and rows[0]["candidate"].startswith("bright") and rows[0]["dice"] > 0.9
     assert max(r["dice"] for r in rows if r["candidate"].startswith("dark")) < 0.3
-    for replay in result["replays"]:
+    cost = {r["candidate"]: r["seconds_per_image"] for r in rows}
+    assert all(c is not None and c > 0 for c in cost.values())
+    best_only = [r for r in result["replays"] if r["prefer_faster_within"] == 0]
+    assert [r["n_images"] for r in best_only] == [3, 5]
+    for replay in best_only:
         assert replay["draws"] == 40 and sum(replay["chosen"].values()) == 40
         assert replay["choice_min"] <= replay["choice_p10"] <= replay["choice_dice"] <= replay["best_dice"] + 1e-12
         assert replay["choice_dice"] > 0.9 and all(label.startswith("bright") for label in replay["chosen"])
+    # A margin replays the same draws and takes, in each, a candidate no dearer than the best: cheaper on average.
+    for n in (3, 5):
+        strict, loose = (next(r for r in result["replays"] if r["n_images"] == n and r["prefer_faster_within"] == m)
+                         for m in (0, 0.5))
+        assert loose["choice_seconds_per_image"] <= strict["choice_seconds_per_image"]
     # Stopped and run again: every map set's scores come from the cache.
     monkeypatch.setattr(select_study, "_score_map_set", lambda *a, **k: pytest.fail("scored again"))
     assert main(["bench", "select", str(run), "--pool", "10", "--n-images", "3", "--draws", "5"]) == 0
@@ -374,6 +385,13 @@ def test_the_replayed_select_rule_refines_only_the_best_map_sets_and_calibrates_
     assert seen[0] == pytest.approx(scores.per_image[0][draw].mean())
     out = replay(scores, 4, draws=30)
     assert sum(out["chosen"].values()) == 30 and out["choice_dice"] <= out["best_dice"]
+    assert out["choice_seconds_per_image"] is None  # pool records without costs: the best by Dice, cost unknown
+    # With costs, a margin takes the fastest candidate close to the best among those select may keep.
+    scores.seconds = [1.0, 5.0, 0.5, 0.2, 0.1, 0.3]
+    seen = np.array([0.5, 0.6, 0.4, 0.95, 0.45, 0.3])
+    assert scores.labels[select_rule(scores, seen, refine_top=1, prefer_faster_within=0.12)] == "a map"
+    assert scores.labels[select_rule(scores, seen, refine_top=1, prefer_faster_within=0.16)] == "c map"
+    assert scores.labels[select_rule(scores, seen, refine_top=1)] == "a refined"
 
 
 def test_choose_takes_the_best_or_the_fastest_within_the_margin():

@@ -69,6 +69,9 @@ def _add_select_parser(kinds) -> None:
                         help="labelled images select chooses on, each replayed (default: 10 20)")
     select.add_argument("--draws", type=int, default=1000, help="random draws per --n-images (default 1000)")
     select.add_argument("--pool-seed", type=int, default=0, help="the pool's draw and the replays' (default 0)")
+    select.add_argument("--prefer-faster-within", type=float, nargs="+", metavar="MARGIN",
+                        help="replay select with each Dice margin (select.prefer_faster_within: the fastest "
+                             "candidate within it of the best), on the same draws (default: the recipe's value)")
     select.add_argument("--out", type=Path, help="where the linked run copy and select_study.json go "
                                                  "(default RUN/select_study)")
     select.add_argument("--data-root", type=Path, help="folder holding the datasets (default $WSSEG_DATA or ./data)")
@@ -79,22 +82,24 @@ def cmd_bench_select(args) -> int:
     from rich.table import Table
 
     from wsseg.cli.ui import console, rich_progress, setup_console_logging
+    from wsseg.report import cost_ms
     from wsseg.select_study import bench_select
 
     setup_console_logging(False)
     with rich_progress() as progress:
         result = bench_select(args.run, args.pool, args.n_images, args.draws, args.out, args.data_root,
-                              args.pool_seed, progress=progress)
+                              args.pool_seed, progress=progress, prefer_faster_within=args.prefer_faster_within)
     best = result["pool_candidates"][0]
     table = Table(title=f"select replayed on draws from {len(result['pool'])} labelled training images "
                         "(Dice on the pool's other images)")
-    for column in ("labelled images", "draws", "select's choice", "10th percentile", "worst draw",
-                   "best candidate", "most chosen"):
+    for column in ("labelled images", "faster within", "draws", "select's choice", "10th percentile", "worst draw",
+                   "best candidate", "choice's ms / image", "most chosen"):
         table.add_column(column, justify="left" if column == "most chosen" else "right")
     for r in result["replays"]:
         label, count = next(iter(r["chosen"].items()))
-        table.add_row(str(r["n_images"]), str(r["draws"]), f"{r['choice_dice']:.3f}", f"{r['choice_p10']:.3f}",
-                      f"{r['choice_min']:.3f}", f"{r['best_dice']:.3f}", f"{label} ({count / r['draws']:.0%})")
+        table.add_row(str(r["n_images"]), f"{r['prefer_faster_within']:g}", str(r["draws"]), f"{r['choice_dice']:.3f}",
+                      f"{r['choice_p10']:.3f}", f"{r['choice_min']:.3f}", f"{r['best_dice']:.3f}",
+                      cost_ms({"seconds_per_image": r["choice_seconds_per_image"]}), f"{label} ({count / r['draws']:.0%})")
     console.print(table)
     console.print(f"best candidate on the whole pool: {best['candidate']} ({best['dice']:.3f}); "
                   f"every candidate and choice: {Path(args.out or args.run / 'select_study') / 'select_study.json'}")

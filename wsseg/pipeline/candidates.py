@@ -181,20 +181,21 @@ def leave_one_out_choice(scores: np.ndarray,
 
 def score_rules(base: Candidate, dataset: SegmentationDataset, truths: List[np.ndarray], map_dir: Path,
                 modes: Sequence[str], fixed_threshold: float, calibration_grid: Sequence[float]) -> List[Candidate]:
-    """The candidate under each threshold rule, its refined maps computed once (their cost is added to the
-    base's `seconds_per_image`, the maps' own)."""
+    """The candidate under each threshold rule, its refined maps computed once (their cost, with one mask per
+    image, whose steps may cut a graph, is added to the base's `seconds_per_image`, the maps' own)."""
     uses_crf = any(s.name == "dense_crf" for s in base.refine)
     level = CRF_LEVEL if uses_crf else fixed_threshold
     rule = MaskRule(base.method, level, "fixed", base.refine)
     start = time.perf_counter()
     refined = [rule.refined(dataset, i, {base.method: map_dir}) for i in range(len(dataset))]
+    masks = [rule.mask(r) for r in refined]
     if base.seconds_per_image is not None:
         base = replace(base, seconds_per_image=base.seconds_per_image
                        + (time.perf_counter() - start) / max(len(dataset), 1))
     out = []
     for mode in modes:
         if mode == "fixed":
-            per_image = [dice(rule.mask(r), t) for r, t in zip(refined, truths)]
+            per_image = [dice(m, t) for m, t in zip(masks, truths)]
             threshold = level
         elif mode == "otsu":
             otsu = MaskRule(base.method, level, "otsu", base.refine)
