@@ -94,11 +94,13 @@ def _score_map_set(context: RunContext, pool, method: str, size: int, k: int, wo
 
     def one(i: int):
         # The map and the image are read once per image; chains with the same map steps share their refined map.
-        # A chain's cost is what the select stage counts: reading the map (and the image), its map steps and one
-        # mask, whose steps may cut a graph.
+        # A chain's cost is what the select stage counts: reading the map (and the image where a step needs it),
+        # its map steps and one mask, whose steps may cut a graph.
         made, rows = {}, []
         start = time.perf_counter()
         image = pool.load_image(i) if any(needs_image(r.steps) for r in rules) else None
+        read_image = time.perf_counter() - start
+        start = time.perf_counter()
         source = MaskRule(method).refined(pool, i, {method: map_set.folder}).activation
         read = time.perf_counter() - start
         for rule, with_grid in zip(rules, calibrate):
@@ -110,7 +112,8 @@ def _score_map_set(context: RunContext, pool, method: str, size: int, k: int, wo
             refined = RefinedMap(activation, image, source)
             start = time.perf_counter()
             mask = rule.mask(refined)
-            seconds = read + refine_seconds + time.perf_counter() - start
+            seconds = (read + (read_image if needs_image(rule.steps) else 0.0) + refine_seconds
+                       + time.perf_counter() - start)
             otsu = MaskRule(method, rule.threshold, "otsu", rule.steps)
             rows.append((dice(mask, truths[i]), dice(otsu.mask(refined), truths[i]),
                          [dice(rule.mask(refined, t), truths[i]) for t in thresholds] if with_grid else None, seconds))
