@@ -320,6 +320,23 @@ def test_bench_train_times_each_unet_variant_and_the_cli_writes_them(tmp_path, c
         "channels_last, bf16 autocast", "decoder [16, 8, 8, 8, 8], channels_last, bf16 autocast"]
 
 
+def test_bench_train_times_the_classifier_variants_without_a_decoder(tmp_path, capsys):
+    from wsseg.cli.main import main
+    from wsseg.deploy.bench import bench_training
+
+    rows = bench_training({"default": {}, "channels_last": {"channels_last": True}}, "test_resnet", 32, 2,
+                          warmup=1, iters=1, rounds=1, model="classifier")
+    assert [r.name for r in rows] == ["default", "channels_last"] and all(r.images_per_s > 0 for r in rows)
+    with pytest.raises(ValueError, match="unet or classifier"):
+        bench_training({"default": {}}, "test_resnet", 32, 2, model="detector")
+    out = tmp_path / "train.json"
+    assert main(["bench", "train", "--model", "classifier", "--encoder", "test_resnet", "--size", "32",
+                 "--batch-size", "2", "--iters", "1", "--rounds", "1", "--out", str(out)]) == 0
+    assert "classifier training steps (test_resnet" in capsys.readouterr().out
+    assert [r["name"] for r in json.loads(out.read_text())] == [
+        "default", "channels_last", "bf16 autocast", "channels_last, bf16 autocast"]
+
+
 def test_bench_labels_compares_each_backends_masks_with_pytorchs(exported, kvasir_root, tmp_path, capsys):
     from wsseg.cli.main import main
 

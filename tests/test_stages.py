@@ -214,11 +214,39 @@ def test_cpu_bf16_autocast_is_used_only_where_asked_and_keys_each_training_cache
         assert losses[stage, "bf16"] != losses[stage, "off"], "bf16 autocast did not reach the training step"
         assert losses[stage, "bf16"] == pytest.approx(losses[stage, "off"], rel=0.05), losses
     newer_options = {SegmentConfig: ("decoder_channels", "channels_last", "inference_backend", "seed"),
-                     ClassifierConfig: (), CCAMConfig: ()}
+                     ClassifierConfig: ("channels_last",), CCAMConfig: ("channels_last",)}
     for section, others in newer_options.items():
         assert fingerprint(section(cpu_amp="auto")) != fingerprint(section())
         before = {k: v for k, v in dataclass_fields(section()).items() if k not in ("cpu_amp", *others)}
         assert fingerprint(section()) == fingerprint(before)  # caches keyed before the option stay valid
+
+
+def test_classifier_and_ccam_train_the_same_model_in_channels_last_memory_and_key_their_caches(tmp_path):
+    """`channels_last` of the classifier and a CCAM: the same losses up to float rounding, and a fingerprint
+    that changes only when it is set."""
+    import torch
+
+    from wsseg.pipeline.executor import fingerprint
+    from wsseg.stages.ccam import train_ccam
+
+    data = DatasetConfig("synthetic", None, "train", options={"n": 16, "size": 32})
+    losses = {}
+    for layout in (False, True):
+        config = ClassifierConfig(train=[data], image_size=32, epochs=1, batch_size=8, amp=False,
+                                  channels_last=layout)
+        checkpoint = train_classifier(config, BackboneConfig(TINY_MODEL, "none"), tmp_path / f"c{layout}",
+                                      "cpu").checkpoint
+        losses["classifier", layout] = torch.load(checkpoint, weights_only=False)["loss_history"][-1]
+        ccam = CCAMConfig(name="ccam", train=[data], image_size=32, epochs=1, batch_size=8, amp=False,
+                          polarity="border", channels_last=layout)
+        torch.manual_seed(0)
+        result = train_ccam(ccam, BackboneConfig(TINY_MODEL, "none"), tmp_path / f"ccam{layout}", "cpu")
+        losses["ccam", layout] = result.metrics["final_loss"]
+    for stage in ("classifier", "ccam"):
+        assert losses[stage, True] == pytest.approx(losses[stage, False], rel=1e-3), losses
+    for section in (ClassifierConfig, CCAMConfig):
+        assert fingerprint(section(channels_last=True)) != fingerprint(section())
+        assert fingerprint(section(channels_last=False)) == fingerprint(section())
 
 
 def dataclass_fields(value):

@@ -75,9 +75,11 @@ class ClassifierConfig:
     num_workers: int = 0
     amp: bool = True
     cpu_amp: CpuAmp = "off"
+    # Train in channels-last memory on CPU too (always on CUDA): the same model, faster convolutions.
+    channels_last: bool = False
 
     #: Options added after run folders existed: in a fingerprint only when set, so those folders stay valid.
-    FINGERPRINTED_WHEN_SET: ClassVar[Tuple[str, ...]] = ("cpu_amp",)
+    FINGERPRINTED_WHEN_SET: ClassVar[Tuple[str, ...]] = ("cpu_amp", "channels_last")
 
 
 @dataclass
@@ -138,9 +140,11 @@ class CCAMConfig:
     num_workers: int = 0
     amp: bool = True
     cpu_amp: CpuAmp = "off"
+    # Train in channels-last memory on CPU too (always on CUDA): the same model, faster convolutions.
+    channels_last: bool = False
 
     #: Options added after run folders existed: in a fingerprint only when set, so those folders stay valid.
-    FINGERPRINTED_WHEN_SET: ClassVar[Tuple[str, ...]] = ("cpu_amp",)
+    FINGERPRINTED_WHEN_SET: ClassVar[Tuple[str, ...]] = ("cpu_amp", "channels_last")
 
 
 @dataclass

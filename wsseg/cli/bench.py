@@ -155,16 +155,21 @@ def cmd_bench_labels(args) -> int:
 
 def _add_train_parser(kinds) -> None:
     train = kinds.add_parser(
-        "train", help="U-Net training steps/s: default vs channels-last memory, narrower decoder blocks, bf16 autocast",
-        description="Times one training step (forward, loss, backward, AdamW) of the U-Net on a random batch for "
-                    "each variant, the variants taking turns: what segment.channels_last, "
-                    "segment.decoder_channels and segment.cpu_amp (bf16 autocast; fast only on CPUs with hardware "
-                    "bf16) save on this machine. Weights do not change the speed.")
-    train.add_argument("--encoder", default="tu-tf_efficientnet_lite0", help="U-Net encoder (smp name or tu-<timm>)")
-    train.add_argument("--size", type=int, default=256, help="training crop size (segment.image_size)")
+        "train", help="training steps/s: default vs channels-last memory, narrower decoder blocks, bf16 autocast",
+        description="Times one training step (forward, loss, backward, AdamW) on a random batch for each variant, "
+                    "the variants taking turns: what channels_last, segment.decoder_channels and cpu_amp (bf16 "
+                    "autocast; fast only on CPUs with hardware bf16) save on this machine, for the U-Net "
+                    "(segment.*) or, with --model classifier, the image classifier (classifier.*). Weights do not "
+                    "change the speed.")
+    train.add_argument("--model", choices=["unet", "classifier"], default="unet",
+                       help="which network trains (default: unet)")
+    train.add_argument("--encoder", help="U-Net encoder (smp name or tu-<timm>; default tu-tf_efficientnet_lite0) "
+                                         "or classifier backbone (timm name; default tf_efficientnet_lite0)")
+    train.add_argument("--size", type=int, default=256,
+                       help="training crop size (segment.image_size or classifier.image_size; default 256)")
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--decoder-channels", type=int, nargs=5, default=[128, 64, 32, 16, 16], metavar="C",
-                       help="the narrower decoder timed beside the default (default: 128 64 32 16 16)")
+                       help="the U-Net's narrower decoder timed beside the default (default: 128 64 32 16 16)")
     train.add_argument("--iters", type=int, default=3, help="timed steps per variant and round")
     train.add_argument("--rounds", type=int, default=3, help="the variants take turns this many times")
     train.add_argument("--out", type=Path, help="write the rows as JSON here")
@@ -176,16 +181,25 @@ def cmd_bench_train(args) -> int:
 
     from wsseg.deploy.bench import bench_training
 
-    narrow = list(args.decoder_channels)
-    variants = {"default": {}, "channels_last": {"channels_last": True},
-                f"decoder {narrow}": {"decoder_channels": narrow},
-                f"decoder {narrow}, channels_last": {"decoder_channels": narrow, "channels_last": True},
-                "channels_last, bf16 autocast": {"channels_last": True, "cpu_amp": "bf16"},
-                f"decoder {narrow}, channels_last, bf16 autocast": {"decoder_channels": narrow, "channels_last": True,
-                                                                    "cpu_amp": "bf16"}}
-    rows = bench_training(variants, args.encoder, args.size, args.batch_size, iters=args.iters, rounds=args.rounds)
-    _print_rows(f"U-Net training steps ({args.encoder}, {args.size} px, batch {args.batch_size}, "
-                f"{torch.get_num_threads()} torch threads)", rows, args.out, "U-Net variant")
+    if args.model == "classifier":
+        encoder = args.encoder or "tf_efficientnet_lite0"
+        variants = {"default": {}, "channels_last": {"channels_last": True},
+                    "bf16 autocast": {"cpu_amp": "bf16"},
+                    "channels_last, bf16 autocast": {"channels_last": True, "cpu_amp": "bf16"}}
+    else:
+        encoder = args.encoder or "tu-tf_efficientnet_lite0"
+        narrow = list(args.decoder_channels)
+        variants = {"default": {}, "channels_last": {"channels_last": True},
+                    f"decoder {narrow}": {"decoder_channels": narrow},
+                    f"decoder {narrow}, channels_last": {"decoder_channels": narrow, "channels_last": True},
+                    "channels_last, bf16 autocast": {"channels_last": True, "cpu_amp": "bf16"},
+                    f"decoder {narrow}, channels_last, bf16 autocast": {"decoder_channels": narrow,
+                                                                        "channels_last": True, "cpu_amp": "bf16"}}
+    rows = bench_training(variants, encoder, args.size, args.batch_size, iters=args.iters, rounds=args.rounds,
+                          model=args.model)
+    name = "U-Net" if args.model == "unet" else "classifier"
+    _print_rows(f"{name} training steps ({encoder}, {args.size} px, batch {args.batch_size}, "
+                f"{torch.get_num_threads()} torch threads)", rows, args.out, f"{name} variant")
     return 0
 
 

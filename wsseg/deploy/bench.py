@@ -102,32 +102,48 @@ def timed_in_turns(calls: Dict[str, Callable[[], object]], batch: int, warmup: i
 
 
 def bench_training(variants: Dict[str, Dict], encoder: str, image_size: int, batch_size: int,
-                   warmup: int = 1, iters: int = 3, rounds: int = 3) -> List[BenchRow]:
-    """Training images/s of U-Net variants (`name -> {"decoder_channels": ..., "channels_last": ...,
+                   warmup: int = 1, iters: int = 3, rounds: int = 3, model: str = "unet") -> List[BenchRow]:
+    """Training images/s of model variants (`name -> {"decoder_channels": ..., "channels_last": ...,
     "cpu_amp": ...}`): one forward, backward and AdamW step on a fixed random batch, the loss the stage trains
-    with. The variants take turns `rounds` times (`timed_in_turns`); ratios are to the first variant."""
+    with. `model` is the U-Net (`encoder` its smp name) or the image classifier (`encoder` a timm name, two
+    classes; `decoder_channels` does not apply). The variants take turns `rounds` times (`timed_in_turns`);
+    ratios are to the first variant."""
+    from torch.nn import functional as F
+
     from wsseg.device import autocast
+    from wsseg.models.classifier import build_classifier
     from wsseg.models.segmenter import build_unet
     from wsseg.stages.segment import segmentation_loss
 
     if rounds < 1 or iters < 1:
         raise ValueError(f"rounds and iters must be at least 1, got rounds={rounds}, iters={iters}")
+    if model not in ("unet", "classifier"):
+        raise ValueError(f"model must be unet or classifier, got {model!r}")
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
     masks = (torch.rand(batch_size, image_size, image_size, generator=generator) > 0.5).to(torch.uint8)
+    labels = torch.arange(batch_size) % 2
+
+    def loss_of(net, x):
+        if model == "classifier":
+            return F.cross_entropy(net(x).float(), labels)
+        return segmentation_loss(net(x)[:, 0].float(), masks)
+
     steps = {}
     for name, options in variants.items():
         torch.manual_seed(0)
-        model = build_unet(encoder, "none", options.get("decoder_channels")).train()
+        if model == "classifier":
+            net = build_classifier(encoder, "none", 2).train()
+        else:
+            net = build_unet(encoder, "none", options.get("decoder_channels")).train()
         x = images
         if options.get("channels_last"):
-            model, x = model.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+            net, x = net.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW(net.parameters(), 1e-3)
 
-        def step(model=model, x=x, optimizer=optimizer, cpu_amp=options.get("cpu_amp", "off")):
+        def step(net=net, x=x, optimizer=optimizer, cpu_amp=options.get("cpu_amp", "off")):
             with autocast(torch.device("cpu"), True, cpu_amp):
-                logits = model(x)[:, 0]
-            loss = segmentation_loss(logits.float(), masks)
+                loss = loss_of(net, x)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -148,7 +148,7 @@ def _train_whole(config: CCAMConfig, model: CCAM, dataset, mean, std, criterion,
             log.info("%s epoch %d: backbone frozen", config.name, epoch + 1)
 
     def step(net, batch):
-        images = batch_to(batch, device)["image"]
+        images = batch_to(batch, device, config.channels_last)["image"]
         if not next(model.backbone.parameters()).requires_grad:
             model.backbone.eval()  # frozen phase: batch-norm statistics stay as initialised
         with autocast(device, config.amp, config.cpu_amp):
@@ -157,7 +157,7 @@ def _train_whole(config: CCAMConfig, model: CCAM, dataset, mean, std, criterion,
         return loss
 
     return [h["loss"] for h in fit(config.name, model, loader, step, optimizer, scheduler, config.epochs,
-                                   state_path, device, progress, before_epoch)]
+                                   state_path, device, progress, before_epoch, channels_last=config.channels_last)]
 
 
 def save_ccam(path: Path, model: CCAM, config: CCAMConfig, mean, std) -> None:

@@ -121,7 +121,7 @@ def train_classifier(config: ClassifierConfig, backbone: BackboneConfig, out_dir
     class_weights = _class_weights(train_sets, len(classes)).to(device)
 
     def step(net, batch):
-        batch = batch_to(batch, device)
+        batch = batch_to(batch, device, config.channels_last)
         with autocast(device, config.amp, config.cpu_amp):
             logits = net(batch["image"])
         return F.cross_entropy(logits.float(), batch["label"], weight=class_weights)
@@ -132,7 +132,8 @@ def train_classifier(config: ClassifierConfig, backbone: BackboneConfig, out_dir
             loader.epoch = epoch
 
     history = fit("classifier", model, loader, step, optimizer, scheduler, config.epochs,
-                  state_file(out_dir, "classifier", state_tag), device, progress, before_epoch)
+                  state_file(out_dir, "classifier", state_tag), device, progress, before_epoch,
+                  channels_last=config.channels_last)
     history = [h["loss"] for h in history]
     checkpoint = out_dir / "classifier.pth"
     if dist.is_main():
