@@ -123,19 +123,23 @@ def bench_training(variants: Dict[str, Dict], encoder: str, image_size: int, bat
     images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
     masks = (torch.rand(batch_size, image_size, image_size, generator=generator) > 0.5).to(torch.uint8)
     labels = torch.arange(batch_size) % 2
+    if model == "classifier":
+        def build(options):
+            return build_classifier(encoder, "none", 2)
 
-    def loss_of(net, x):
-        if model == "classifier":
-            return F.cross_entropy(net(x).float(), labels)
-        return segmentation_loss(net(x)[:, 0].float(), masks)
+        def loss_of(output):
+            return F.cross_entropy(output.float(), labels)
+    else:
+        def build(options):
+            return build_unet(encoder, "none", options.get("decoder_channels"))
+
+        def loss_of(output):
+            return segmentation_loss(output[:, 0].float(), masks)
 
     steps = {}
     for name, options in variants.items():
         torch.manual_seed(0)
-        if model == "classifier":
-            net = build_classifier(encoder, "none", 2).train()
-        else:
-            net = build_unet(encoder, "none", options.get("decoder_channels")).train()
+        net = build(options).train()
         x = images
         if options.get("channels_last"):
             net, x = net.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
@@ -143,7 +147,8 @@ def bench_training(variants: Dict[str, Dict], encoder: str, image_size: int, bat
 
         def step(net=net, x=x, optimizer=optimizer, cpu_amp=options.get("cpu_amp", "off")):
             with autocast(torch.device("cpu"), True, cpu_amp):
-                loss = loss_of(net, x)
+                output = net(x)
+            loss = loss_of(output)  # outside autocast, as the stages compute it
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
