@@ -111,6 +111,24 @@ def test_eigencam_sign_puts_the_salient_region_on_top():
         assert projection[2:5, 2:5].mean() > 0 > projection[6:, 6:].mean()
 
 
+def test_batched_fullgrad_gives_grad_cams_fullgrad_maps():
+    # The channel sum moves before the (linear) resize: the maps must stay grad-cam's own.
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from wsseg.cams.gradcam_family import BatchedFullGrad
+
+    torch.manual_seed(0)
+    model = create_timm_model(TINY_MODEL, "none", num_classes=2).eval()
+    images = torch.randn(3, 3, 40, 56)  # not square: width and height must not swap
+    targets = [ClassifierOutputTarget(1), ClassifierOutputTarget(0), ClassifierOutputTarget(1)]
+    expected = pgc.FullGrad(model=model, target_layers=[])(input_tensor=images, targets=targets)
+    got = BatchedFullGrad(model=model, target_layers=[])(input_tensor=images, targets=targets)
+    assert got.shape == expected.shape == (3, 40, 56)
+    assert expected.std() > 0.01
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 class _Features(torch.nn.Module):
     """A 'network' whose features are its input: the test controls the feature maps exactly."""
 
