@@ -53,6 +53,58 @@ def test_border_score():
     assert border_score(1 - activation) == 1.0
 
 
+class _BrightnessCCAM(torch.nn.Module):
+    """A stand-in CCAM whose map is the image's brightness (or its inverse), the polarity applied as CCAM does."""
+
+    def __init__(self, inverted: bool):
+        super().__init__()
+        self.register_buffer("flip", torch.zeros(()))
+        self.inverted = inverted
+
+    def forward(self, images):
+        activation = torch.sigmoid(4 * images.mean(1, keepdim=True))
+        activation = 1 - activation if self.inverted else activation
+        return self.flip * (1 - activation) + (1 - self.flip) * activation
+
+
+def _object_painted_scenes():
+    """Synthetic scenes whose image is their mask painted white on black: the object is the bright part."""
+    from wsseg.data.synthetic import SyntheticScenes
+
+    class Painted(SyntheticScenes):
+        def load_image(self, index, max_side=None):
+            return np.repeat((self.load_mask(index) > 0).astype(np.uint8)[..., None] * 255, 3, axis=2)
+
+    return Painted(split="calibration", n=6, size=48, negative_fraction=0.0)
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+def test_labelled_polarity_turns_the_map_to_the_masks(inverted):
+    labelled = _object_painted_scenes()
+    model = _BrightnessCCAM(inverted)
+    info = decide_polarity(model, labelled, "labelled", "cpu", 48, (0.5,) * 3, (0.5,) * 3, labelled=labelled)
+    assert info["flip"] == float(inverted) and info["labelled_images"] == 6
+    assert info["labelled_correlation"] > 0.5 if not inverted else info["labelled_correlation"] < -0.5
+    image = torch.from_numpy(labelled.load_image(0).transpose(2, 0, 1)[None] / 255.0 - 0.5).float()
+    mask = torch.from_numpy(labelled.load_mask(0) > 0)
+    corrected = model(image)[0, 0]
+    assert corrected[mask].mean() > corrected[~mask].mean() + 0.3  # after the check the map marks the object
+
+
+def test_labelled_polarity_needs_labelled_images():
+    from wsseg.config import parse_recipe
+
+    with pytest.raises(ConfigError, match="needs labelled images"):
+        decide_polarity(_BrightnessCCAM(False), _object_painted_scenes(), "labelled", "cpu", 48, (0.5,) * 3,
+                        (0.5,) * 3)
+    recipe = {"maps": {"methods": ["ccam"], "method_options": {"ccam": {"train": [{"name": "synthetic"}],
+                                                                        "polarity": "labelled"}}}}
+    with pytest.raises(ConfigError, match=r"maps.method_options.ccam.polarity: labelled needs pseudo_masks.calibrate"):
+        parse_recipe(recipe)
+    recipe["pseudo_masks"] = {"calibrate": {"dataset": {"name": "synthetic", "split": "calibration"}}}
+    assert parse_recipe(recipe).maps.method_options["ccam"]["polarity"] == "labelled"
+
+
 def test_decide_polarity_flips_a_background_map():
     """A map that is high everywhere except the centre (the object) gets flipped, by either cue."""
     dataset = create_dataset(DatasetConfig("synthetic", None, "val", options={"n": 8, "size": 64}))

@@ -297,6 +297,10 @@ def _map_method_problems(config: RecipeConfig, datasets: List[Tuple[str, Any]]) 
                             f"variant of one under a new name: maps.method_options.<name>.method)")
             continue
         options = typed_options(name, method_options, f"maps.method_options.{name}", problems)
+        calibrate = config.pseudo_masks.calibrate
+        if getattr(options, "polarity", None) == "labelled" and (calibrate is None or calibrate.dataset is None):
+            problems.append(f"maps.method_options.{name}.polarity: labelled needs pseudo_masks.calibrate.dataset "
+                            f"(the labelled training images that decide it)")
         if dataclasses.is_dataclass(options):
             for f in dataclasses.fields(options):
                 value = getattr(options, f.name)

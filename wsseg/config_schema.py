@@ -32,7 +32,7 @@ ClassifierSchedule = Literal["alternate", "concat"]
 MapTarget = Literal["positive", "label", "predicted", "auto"]
 CCAMInit = Literal["imagenet", "classifier"]
 CCAMOptimizer = Literal["sgd", "adam"]
-CCAMPolarity = Literal["auto", "border", "classifier", "none", "inverted"]
+CCAMPolarity = Literal["auto", "border", "classifier", "labelled", "none", "inverted"]
 InferenceBackend = Literal["torch", "onnx"]
 UNetBackend = Literal["torch", "onnx", "onnx_int8"]  # segment.inference_backend
 MaskThresholdMode = Literal["fixed", "otsu", "calibrated"]  # pseudo_masks.variants.*.threshold_mode
@@ -134,6 +134,10 @@ class CCAMConfig:
     # Train the head alone on the ImageNet backbone's features, computed once per image and its mirror image
     # (the backbone stays as initialised): the same model as a frozen backbone, many times faster to train.
     head_only: bool = False
+    # Which side of the learned map is the object. auto: correlation with the classifier's Grad-CAM when there
+    # is a classifier, else border: the side that avoids the image border (the original code's cue); labelled:
+    # correlation with the masks of the pseudo_masks.calibrate images, where Grad-CAM localises poorly
+    # (docs/experiments.md, the demo at seed 2); none / inverted: fixed.
     polarity: CCAMPolarity = "auto"
     inference_backend: InferenceBackend = "torch"
     vertical_flip: bool = True

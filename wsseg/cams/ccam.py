@@ -76,7 +76,8 @@ class CCAMMethod(TrainedMapMethod):
         return export_ccam(checkpoint, out_path, opset).as_dict()
 
     def train(self, context, name: str, options: CCAMConfig):
-        """Train this variant (polarity checked against the classifier's Grad-CAM when there is one) and
+        """Train this variant (polarity checked against the labelled calibration images with `polarity:
+        labelled`, else against the classifier's Grad-CAM when there is one) and
         return its MapProducer; the checkpoint is cached on everything it read."""
         from wsseg.pipeline.context import MapProducer
         from wsseg.pipeline.executor import fingerprint
@@ -84,8 +85,12 @@ class CCAMMethod(TrainedMapMethod):
 
         config = context.config
         uses_classifier = options.init == "classifier" or options.polarity != "border"
-        digest = fingerprint(options, config.backbone, config.seed, config.on_bad_image,
-                             context.classifier_fingerprint if uses_classifier else None)
+        reads = [options, config.backbone, config.seed, config.on_bad_image,
+                 context.classifier_fingerprint if uses_classifier else None]
+        if options.polarity == "labelled":  # the images that decide it (other digests stay as they were)
+            calib = config.pseudo_masks.calibrate
+            reads.append((calib.dataset, calib.n_images))
+        digest = fingerprint(*reads)
         result = context.cached(f"ccam_{name}", digest, lambda: self._train(context, name, options, digest),
                                 lambda r: [Path(r["checkpoint"])])
         context.metrics[f"{name}_training"] = result["metrics"]
@@ -136,8 +141,9 @@ class CCAMMethod(TrainedMapMethod):
                 return gradcam.compute(images, targets)
 
         train_set = context.catalog.concat(options.train, f"maps.method_options.{name}.train")
+        labelled = context.calibration_images() if options.polarity == "labelled" else None
         result = train_ccam(options, config.backbone, context.layout.checkpoints, device, train_set, config.seed,
-                            context.classifier_checkpoint, reference, context.progress, digest)
+                            context.classifier_checkpoint, reference, context.progress, digest, labelled)
         if gradcam is not None:
             gradcam.close()
         return {"checkpoint": str(result.checkpoint), "metrics": result.metrics}

@@ -15,7 +15,7 @@ from wsseg.checkpoint import atomic_save
 from wsseg.config_schema import BackboneConfig, CCAMConfig
 from wsseg.data import DatasetCatalog
 from wsseg.data.base import SegmentationDataset
-from wsseg.data.transforms import TorchDataset, train_transform
+from wsseg.data.transforms import TorchDataset, eval_transform, train_transform
 from wsseg.device import autocast, batch_to, seed_everything
 from wsseg.errors import ConfigError
 from wsseg.models.ccam import CCAM, CCAMLoss
@@ -23,7 +23,7 @@ from wsseg.models.classifier import normalisation
 from wsseg.progress import ProgressFn, no_progress
 from wsseg import distributed as dist
 from wsseg.stages.ccam_head import ccam_optimizer, train_head_on_features
-from wsseg.stages.common import eval_loader, poly_lambda, write_json
+from wsseg.stages.common import eval_loader, make_loader, poly_lambda, write_json
 from wsseg.training import fit, state_file, training_loader
 
 log = logging.getLogger("wsseg")
@@ -57,15 +57,44 @@ def border_score(activation: torch.Tensor) -> float:
     return float(edges.mean())
 
 
+def mean_correlation(maps: torch.Tensor, references: torch.Tensor) -> float:
+    """Mean over images of the pixel correlation of a map with its reference (a flat pair is skipped; NaN
+    when every pair is flat)."""
+    flat_maps, flat_refs = maps.flatten(1).float(), references.flatten(1).float()
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # a flat map has no correlation: skipped
+        return float(np.nanmean([np.corrcoef(a.numpy(), b.numpy())[0, 1] for a, b in zip(flat_maps, flat_refs)]))
+
+
 @torch.no_grad()
 def decide_polarity(model: CCAM, dataset: SegmentationDataset, mode: str, device, image_size: int, mean, std,
-                    reference_maps=None, n_images: int = 64) -> Dict[str, float]:
-    """Set `model.flip` so that the map marks objects. `reference_maps(images)` (e.g. the classifier's
-    Grad-CAM) decides by correlation when given; otherwise the border cue of the original code."""
+                    reference_maps=None, n_images: int = 64,
+                    labelled: Optional[SegmentationDataset] = None) -> Dict[str, float]:
+    """Set `model.flip` so that the map marks objects. `labelled` (images with masks; mode `labelled`) decides
+    by the maps' correlation with the masks; `reference_maps(images)` (e.g. the classifier's Grad-CAM) by
+    correlation with it when given; otherwise the border cue of the original code."""
     model.flip.zero_()
+    requested = mode
     if mode in ("none", "inverted"):
         model.flip.fill_(float(mode == "inverted"))
         return {"polarity_mode": mode, "flip": float(model.flip)}
+    if mode == "labelled":
+        if labelled is None or not labelled.has_masks:
+            raise ConfigError("ccam.polarity=labelled needs labelled images (pseudo_masks.calibrate.dataset)")
+        images = TorchDataset(labelled, eval_transform(image_size, mean, std), with_masks=True,
+                              max_side=2 * image_size)
+        maps, masks = [], []
+        for batch in make_loader(images, 16, shuffle=False):
+            maps.append(model(batch["image"].to(device))[:, 0].float().cpu())
+            masks.append(batch["mask"])
+        corr = mean_correlation(torch.cat(maps), torch.cat(masks))
+        if not np.isnan(corr):
+            model.flip.fill_(float(corr < 0))
+            return {"labelled_correlation": corr, "labelled_images": len(labelled), "polarity_mode": mode,
+                    "flip": float(corr < 0)}
+        log.warning("ccam polarity: the maps of the %d labelled images are flat or their masks empty; deciding "
+                    "as polarity: auto does", len(labelled))
+        mode = "auto"
     loader = eval_loader(dataset, image_size, mean, std, 16)
     maps, refs, seen = [], [], 0
     for batch in loader:
@@ -80,11 +109,7 @@ def decide_polarity(model: CCAM, dataset: SegmentationDataset, mode: str, device
     maps = torch.cat(maps)
     info = {"border_score": border_score(maps)}
     if refs:
-        flat_maps = maps[:, 0].flatten(1)
-        flat_refs = torch.cat(refs).flatten(1).float()
-        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-            warnings.simplefilter("ignore", RuntimeWarning)  # a flat map has no correlation: skipped
-            corr = np.nanmean([np.corrcoef(a.numpy(), b.numpy())[0, 1] for a, b in zip(flat_maps, flat_refs)])
+        corr = mean_correlation(maps[:, 0], torch.cat(refs))
         if np.isnan(corr):  # every map flat: the classifier cannot tell, fall back to the border cue
             corr = -1.0 if info["border_score"] > 0.5 else 1.0
         info["classifier_correlation"] = float(corr)
@@ -94,14 +119,15 @@ def decide_polarity(model: CCAM, dataset: SegmentationDataset, mode: str, device
     else:
         flip = info["border_score"] > 0.5
     model.flip.fill_(float(flip))
-    info.update({"polarity_mode": mode, "flip": float(flip)})
+    info.update({"polarity_mode": requested, "flip": float(flip)})
     return info
 
 
 def train_ccam(config: CCAMConfig, backbone: BackboneConfig, out_dir: Path, device: torch.device,
                train_set: Optional[SegmentationDataset] = None, seed: int = 0,
                classifier_checkpoint: Optional[Path] = None,
-               reference_maps=None, progress: ProgressFn = no_progress, state_tag: str = "") -> CCAMResult:
+               reference_maps=None, progress: ProgressFn = no_progress, state_tag: str = "",
+               labelled: Optional[SegmentationDataset] = None) -> CCAMResult:
     """Train one CCAM variant with the contrastive losses on `train_set` (the runner builds it from
     `config.train`; by default it is read here); returns its checkpoint and training metrics."""
     seed_everything(seed)
@@ -120,7 +146,8 @@ def train_ccam(config: CCAMConfig, backbone: BackboneConfig, out_dir: Path, devi
                                state_file(out_dir, config.name, state_tag), progress)
     model.backbone.requires_grad_(True)
     model.eval()
-    polarity = decide_polarity(model, dataset, config.polarity, device, config.image_size, mean, std, reference_maps)
+    polarity = decide_polarity(model, dataset, config.polarity, device, config.image_size, mean, std, reference_maps,
+                               labelled=labelled)
     log.info("%s polarity: %s", config.name, polarity)
     checkpoint = Path(out_dir) / f"{config.name}.pth"
     metrics = {"final_loss": history[-1] if history else float("nan"), **polarity}
