@@ -15,7 +15,7 @@ from wsseg.checkpoint import atomic_save
 from wsseg.config_schema import BackboneConfig, CCAMConfig
 from wsseg.data import DatasetCatalog
 from wsseg.data.base import SegmentationDataset
-from wsseg.data.transforms import TorchDataset, eval_transform, train_transform
+from wsseg.data.transforms import TorchDataset, train_transform
 from wsseg.device import autocast, batch_to, seed_everything
 from wsseg.errors import ConfigError
 from wsseg.models.ccam import CCAM, CCAMLoss
@@ -23,7 +23,7 @@ from wsseg.models.classifier import normalisation
 from wsseg.progress import ProgressFn, no_progress
 from wsseg import distributed as dist
 from wsseg.stages.ccam_head import ccam_optimizer, train_head_on_features
-from wsseg.stages.common import eval_loader, make_loader, poly_lambda, write_json
+from wsseg.stages.common import eval_loader, poly_lambda, write_json
 from wsseg.training import fit, state_file, training_loader
 
 log = logging.getLogger("wsseg")
@@ -81,10 +81,8 @@ def decide_polarity(model: CCAM, dataset: SegmentationDataset, mode: str, device
     if mode == "labelled":
         if labelled is None or not labelled.has_masks:
             raise ConfigError("ccam.polarity=labelled needs labelled images (pseudo_masks.calibrate.dataset)")
-        images = TorchDataset(labelled, eval_transform(image_size, mean, std), with_masks=True,
-                              max_side=2 * image_size)
         maps, masks = [], []
-        for batch in make_loader(images, 16, shuffle=False):
+        for batch in eval_loader(labelled, image_size, mean, std, 16, with_masks=True):
             maps.append(model(batch["image"].to(device))[:, 0].float().cpu())
             masks.append(batch["mask"])
         corr = mean_correlation(torch.cat(maps), torch.cat(masks))
@@ -93,7 +91,7 @@ def decide_polarity(model: CCAM, dataset: SegmentationDataset, mode: str, device
             return {"labelled_correlation": corr, "labelled_images": len(labelled), "polarity_mode": mode,
                     "flip": float(corr < 0)}
         log.warning("ccam polarity: the maps of the %d labelled images are flat or their masks empty; deciding "
-                    "as polarity: auto does", len(labelled))
+                    "by the classifier's Grad-CAM when given, else the border cue", len(labelled))
         mode = "auto"
     loader = eval_loader(dataset, image_size, mean, std, 16)
     maps, refs, seen = [], [], 0

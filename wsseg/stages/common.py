@@ -20,12 +20,14 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
 
 
 def eval_loader(dataset, image_size: int, mean: Sequence[float], std: Sequence[float], batch_size: int,
-                indices: Optional[Sequence[int]] = None, num_workers: int = 0) -> DataLoader:
-    """Resize + normalise in order, optionally only `indices` (e.g. this rank's shard). Large JPEGs decode
-    at reduced scale: nothing beyond twice the input size survives the resize anyway."""
+                indices: Optional[Sequence[int]] = None, num_workers: int = 0, with_masks: bool = False) -> DataLoader:
+    """Resize + normalise in order, optionally only `indices` (e.g. this rank's shard), with each image's mask
+    resized alike when `with_masks`. Large JPEGs decode at reduced scale: nothing beyond twice the input size
+    survives the resize anyway."""
     from wsseg.data.transforms import TorchDataset, eval_transform
 
-    images = TorchDataset(dataset, eval_transform(image_size, mean, std), max_side=2 * image_size)
+    images = TorchDataset(dataset, eval_transform(image_size, mean, std), with_masks=with_masks,
+                          max_side=2 * image_size)
     if indices is not None:
         images = Subset(images, list(indices))
     return make_loader(images, batch_size, shuffle=False, num_workers=num_workers)
